@@ -1,0 +1,27 @@
+# Two commands: `make figure1` (the paper's Figure 1 end to end) and `make test`.
+# Both create .venv on first use. torch is installed in the same pip command as the package
+# so pip takes the pinned CPU build instead of resolving a CUDA one.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+STAMP := $(VENV)/.installed
+
+.PHONY: install test figure1 clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check "$(TORCH)" -e ".[test]"
+	touch $@
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
+
+figure1: $(STAMP)
+	$(VENV)/bin/python -m agro_dist.tabular --out runs/figure1
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
