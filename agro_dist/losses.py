@@ -190,11 +190,12 @@ def kl_surrogate(
 
 
 def _common_metrics(rewards: Tensor, lr: Tensor, mask: Tensor, beta: float) -> Metrics:
+    r, lr = rewards.detach().to(lr.dtype), lr.detach()  # lr is float32 or float64 (see _zero_pad)
     return {
-        "reward_mean": rewards.detach().float().mean(),
-        "reg_reward_mean": (rewards - beta * lr).detach().float().mean(),
-        "log_ratio_mean": lr.detach().float().mean(),
-        "response_len_mean": mask.sum(-1).float().mean(),
+        "reward_mean": r.mean(),
+        "reg_reward_mean": (r - beta * lr).mean(),
+        "log_ratio_mean": lr.mean(),
+        "response_len_mean": mask.sum(-1).to(lr.dtype).mean(),
     }
 
 
@@ -331,7 +332,7 @@ def rloo(
 
 @register("kl_pg")
 def kl_pg(
-    logps, ref_logps, mask, rewards, *, group_size: int, beta: float, token_kl: Tensor
+    logps, ref_logps, mask, rewards, *, group_size: int, beta: float, token_kl: Tensor | None = None
 ) -> Tuple[Tensor, Metrics]:
     """KL-regularised policy gradient adapted to off-policy data (paper Section 5.1, Fig. 1).
 
@@ -430,7 +431,7 @@ def grpo(
 
 @register("agro_single")
 def agro_single(
-    logps, ref_logps, mask, rewards, *, group_size: int = 1, beta: float, values: Tensor
+    logps, ref_logps, mask, rewards, *, group_size: int = 1, beta: float, values: Tensor | None = None
 ) -> Tuple[Tensor, Metrics]:
     """AGRO with one response per prompt (paper Section 5.1, n = 1; Richemond et al. 2024).
 
