@@ -241,6 +241,11 @@ def plot(rows: List[Dict], path: str, cfg: Figure1Config) -> None:
     plt.close(fig)
 
 
+def _fmt_kl(v: float) -> str:
+    # Below ~1e-15 the float64 sum is round-off (it can even come out slightly negative).
+    return "<1e-15" if v < 1e-15 else f"{v:.3e}"
+
+
 def main(argv=None) -> int:
     d = Figure1Config()
     ap = argparse.ArgumentParser(
@@ -273,7 +278,7 @@ def main(argv=None) -> int:
     for mode in modes:
         for method in ("agro", "kl_pg"):
             pts = [r for r in rows if r["mode"] == mode and r["method"] == method]
-            print(f"{mode:8} {method:7} {pts[0]['kl_to_pi_star']:18.3e} {pts[-1]['kl_to_pi_star']:10.3e}")
+            print(f"{mode:8} {method:7} {_fmt_kl(pts[0]['kl_to_pi_star']):>18} {_fmt_kl(pts[-1]['kl_to_pi_star']):>10}")
     print(f"wrote {csv_path} and {png_path}")
     return 0
 
