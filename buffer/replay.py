@@ -2,16 +2,17 @@
 
 Layout in Redis (all keys share the hash tag ``{name}`` so the Lua scripts work on a cluster):
 
-- ``{name}:fresh``: a Stream of groups not yet trained on. Producers ``XADD`` (one entry per
-  group: ``d`` = Arrow IPC bytes, ``v`` = policy version). Consumers read through the consumer
-  group ``learners``: each entry goes to exactly one consumer, stays *pending* until acked, and
-  is re-delivered if its consumer dies (``XAUTOCLAIM`` after ``claim_idle_s``; a consumer
-  restarted under the same name re-reads its own pending entries first).
-- ``{name}:hist:z`` (ZSET, score = arrival order) + ``{name}:hist:data`` (HASH id -> bytes):
-  the replay history, the groups consumed so far. ``ack`` moves entries from the stream into
-  it atomically (Lua) and evicts the oldest beyond ``history_max_groups`` /
-  ``history_max_bytes``. Replay draws are uniform: the client draws ``u ~ U[0,1)`` from its
-  seeded RNG and the script takes rank ``floor(u * size)``.
+- ``{name}:groups``: a Stream holding every group's payload (``d`` = Arrow IPC bytes, ``v`` =
+  policy version), fresh and history alike, so a group is written once and never copied.
+  Producers ``XADD``. Consumers read new entries through the consumer group ``learners``: each
+  goes to exactly one consumer and stays *pending* until acked; if its consumer dies it is
+  re-delivered (``XAUTOCLAIM`` after ``claim_idle_s``; a consumer restarted under the same name
+  re-reads its own pending entries first).
+- ``{name}:hist:z`` (ZSET of entry ids, score = arrival order) and ``{name}:hist:size`` (HASH
+  id -> bytes): the replay history, i.e. the groups consumed so far. ``ack`` moves entries
+  into it atomically (Lua: ``XACK`` + ``ZADD``) and evicts the oldest beyond
+  ``history_max_groups`` / ``history_max_bytes`` (``XDEL``). Replay draws are uniform: the
+  client draws ``u ~ U[0,1)`` from its seeded RNG and the script takes rank ``floor(u * size)``.
 - ``{name}:stats``: counters (HASH) for monitoring; ``{name}:dead``: corrupt payloads, kept
   for inspection (capped stream).
 
@@ -37,7 +38,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import pyarrow as pa
 import redis
 
-from agro_dist.records import Group, RecordError, _row_to_group, batch_to_ipc, decode_group, encode_group
+from agro_dist.records import Group, RecordError, batch_to_ipc, decode_groups, encode_groups, rows_to_groups
 
 from .server import RedisServer
 
@@ -45,31 +46,23 @@ log = logging.getLogger("agro_dist.buffer")
 
 CONSUMER_GROUP = "learners"
 
-# KEYS: fresh, hist_z, hist_data, stats. ARGV: group, max_count, max_bytes, counter, ids...
-# Ack entries, move their payloads into the history, evict the oldest beyond the caps.
+# KEYS: stream, hist_z, hist_size, stats. ARGV: group, max_count, max_bytes, counter, id1, size1, ...
+# Ack entries and add them to the history (their payload stays where it is), then evict the
+# oldest beyond the caps. XACK returns 0 for an entry no longer pending (acked already by a
+# consumer that reclaimed it): it is in the history already and must not enter twice.
 _ACK_ARCHIVE = """
-local fresh, z, data, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local stream, z, sizes, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local grp, max_count, max_bytes, counter = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local archived = 0
-for i = 5, #ARGV do
-  local id = ARGV[i]
-  -- XACK returns 0 when the entry is no longer pending (acked already by a consumer that
-  -- reclaimed it): then it is in the history already and must not enter twice.
-  if redis.call('XACK', fresh, grp, id) == 1 then
-    local e = redis.call('XRANGE', fresh, id, id)
-    redis.call('XDEL', fresh, id)
-    if #e == 1 then
-      local f, payload = e[1][2], nil
-      for j = 1, #f, 2 do if f[j] == 'd' then payload = f[j + 1] end end
-      if payload then
-        local seq = redis.call('HINCRBY', stats, 'hist_seq', 1)
-        redis.call('ZADD', z, seq, id)
-        redis.call('HSET', data, id, payload)
-        redis.call('HINCRBY', stats, 'history_bytes', #payload)
-        redis.call('HINCRBY', stats, 'fresh_bytes', -#payload)
-        archived = archived + 1
-      end
-    end
+for i = 5, #ARGV, 2 do
+  local id, size = ARGV[i], tonumber(ARGV[i + 1])
+  if redis.call('XACK', stream, grp, id) == 1 then
+    local seq = redis.call('HINCRBY', stats, 'hist_seq', 1)
+    redis.call('ZADD', z, seq, id)
+    redis.call('HSET', sizes, id, size)
+    redis.call('HINCRBY', stats, 'history_bytes', size)
+    redis.call('HINCRBY', stats, 'fresh_bytes', -size)
+    archived = archived + 1
   end
 end
 local evicted = 0
@@ -78,8 +71,9 @@ while true do
   local b = tonumber(redis.call('HGET', stats, 'history_bytes') or '0')
   if n == 0 or (n <= max_count and b <= max_bytes) then break end
   local m = redis.call('ZPOPMIN', z)[1]
-  redis.call('HINCRBY', stats, 'history_bytes', -redis.call('HSTRLEN', data, m))
-  redis.call('HDEL', data, m)
+  redis.call('HINCRBY', stats, 'history_bytes', -tonumber(redis.call('HGET', sizes, m) or '0'))
+  redis.call('HDEL', sizes, m)
+  redis.call('XDEL', stream, m)
   evicted = evicted + 1
 end
 if evicted > 0 then redis.call('HINCRBY', stats, 'evicted', evicted) end
@@ -87,7 +81,7 @@ if archived > 0 then redis.call('HINCRBY', stats, counter, archived) end
 return {archived, evicted}
 """
 
-# KEYS: hist_z, hist_data. ARGV: u_1..u_k in [0, 1). Returns member, payload pairs.
+# KEYS: hist_z, stream. ARGV: u_1..u_k in [0, 1). Returns id, payload pairs (none if empty).
 _REPLAY_DRAW = """
 local n = redis.call('ZCARD', KEYS[1])
 local out = {}
@@ -96,8 +90,14 @@ for i = 1, #ARGV do
   local idx = math.floor(tonumber(ARGV[i]) * n)
   if idx >= n then idx = n - 1 end
   local m = redis.call('ZRANGE', KEYS[1], idx, idx)[1]
+  local e = redis.call('XRANGE', KEYS[2], m, m)
+  local payload = ''
+  if #e == 1 then
+    local f = e[1][2]
+    for j = 1, #f, 2 do if f[j] == 'd' then payload = f[j + 1] end end
+  end
   out[#out + 1] = m
-  out[#out + 1] = redis.call('HGET', KEYS[2], m) or ''
+  out[#out + 1] = payload
 end
 return out
 """
@@ -165,6 +165,9 @@ class ReplayBuffer:
     ``redis_url``: use that server (``redis://``, ``rediss://`` for TLS, ``unix://``; extra
     client options such as ``password``, ``ssl_ca_certs`` via ``redis_kwargs``). Without it a
     private server is started in ``run_dir`` (127.0.0.1 only) and stopped by ``close()``.
+
+    Counters a consumer updates are sent with its next command (no extra round trip); this
+    object's own ``stats()`` sends them first.
     """
 
     def __init__(
@@ -190,20 +193,21 @@ class ReplayBuffer:
             redis_url = self.server.unix_url or self.server.url
         self.url = redis_url
         self.r = redis.Redis.from_url(redis_url, **(redis_kwargs or {}))
-        self.r.ping()
         tag = "{" + cfg.name + "}"
-        self.k_fresh, self.k_hz, self.k_hd = f"{tag}:fresh", f"{tag}:hist:z", f"{tag}:hist:data"
+        self.k_stream, self.k_hz, self.k_hsize = f"{tag}:groups", f"{tag}:hist:z", f"{tag}:hist:size"
         self.k_stats, self.k_dead = f"{tag}:stats", f"{tag}:dead"
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.rng = random.Random(cfg.seed)
-        self._ack_script = self.r.register_script(_ACK_ARCHIVE)
-        self._draw_script = self.r.register_script(_REPLAY_DRAW)
+        self._sha: Dict[str, str] = {}
+        self._load_scripts()
         self._carry: collections.deque = collections.deque()  # taken, not yet handed out
-        self._inflight: Dict[str, float] = {}  # handed out, not yet acked
+        self._inflight: Dict[str, int] = {}  # handed out, not yet acked: id -> bytes
+        self._counts: collections.Counter = collections.Counter()  # not yet sent
         self._recovered = False
+        self._next_claim = 0.0
         self._last_stats: Optional[tuple] = None
         try:
-            self.r.xgroup_create(self.k_fresh, CONSUMER_GROUP, id="0", mkstream=True)
+            self.r.xgroup_create(self.k_stream, CONSUMER_GROUP, id="0", mkstream=True)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
@@ -213,40 +217,77 @@ class ReplayBuffer:
         """A URL other processes and machines can use (TCP for the private server)."""
         return self.server.url if self.server else self.url
 
+    def _load_scripts(self) -> None:
+        self._sha = {"ack": self.r.script_load(_ACK_ARCHIVE), "draw": self.r.script_load(_REPLAY_DRAW)}
+
+    def _run(self, build) -> list:
+        """Execute a pipeline built by ``build(pipe)``; reload the Lua scripts and retry once
+        if the server lost them (a restarted Redis)."""
+        for attempt in (0, 1):
+            pipe = self.r.pipeline(transaction=False)
+            self._flush_counts(pipe)
+            build(pipe)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                self._load_scripts()
+        raise AssertionError("unreachable")
+
+    def _flush_counts(self, pipe) -> None:
+        for k, v in self._counts.items():
+            if v:
+                pipe.hincrby(self.k_stats, k, v)
+        self._counts.clear()
+
     # ------------------------------------------------------------------ producers
 
     def put(self, groups: Union[Group, pa.RecordBatch, Iterable[Union[Group, pa.RecordBatch]]]) -> List[str]:
         """Validate and append groups to the fresh stream; returns their entry ids.
 
         All groups are validated before anything is written: one bad record rejects the call
-        with a ``RecordError`` naming it (``groups[3].completions[1].logprobs: ...``).
+        with a ``RecordError`` naming it (``groups[3].completions[1].logprobs: ...``) and
+        nothing of the call is written (the XADDs and counters go in one MULTI/EXEC).
         """
         if isinstance(groups, (Group, pa.RecordBatch)):
             groups = [groups]
-        encoded = []
-        for i, g in enumerate(groups):
-            try:
-                if isinstance(g, pa.RecordBatch):
-                    blob = batch_to_ipc(g)
-                    rows = [_row_to_group(g.slice(j, 1)) for j in range(g.num_rows)]  # validates content
-                    if len(rows) != 1:
-                        raise RecordError("payload", f"a record batch must hold one group, got {g.num_rows} rows")
-                    version = rows[0].policy_version
-                else:
-                    blob, version = encode_group(g), g.policy_version
-            except RecordError as e:
-                self.r.hincrby(self.k_stats, "rejected", 1)
-                raise RecordError(f"groups[{i}].{e.field}", str(e).split(": ", 1)[1]) from None
-            encoded.append((blob, version))
-        pipe = self.r.pipeline(transaction=False)
+        groups = list(groups)
+        try:
+            if all(isinstance(g, Group) for g in groups):
+                encoded = list(zip(encode_groups(groups), [g.policy_version for g in groups]))
+            else:
+                encoded = [self._encode_one(i, g) for i, g in enumerate(groups)]
+        except RecordError:
+            self._counts["rejected"] += 1
+            self._run(lambda pipe: None)
+            raise
+        pipe = self.r.pipeline(transaction=True)
         for blob, version in encoded:
-            pipe.xadd(self.k_fresh, {"d": blob, "v": int(version)})
+            pipe.xadd(self.k_stream, {"d": memoryview(blob), "v": int(version)})
+        nbytes = sum(b.size for b, _ in encoded)
         pipe.hincrby(self.k_stats, "put_groups", len(encoded))
-        nbytes = sum(len(b) for b, _ in encoded)
         pipe.hincrby(self.k_stats, "put_bytes", nbytes)
         pipe.hincrby(self.k_stats, "fresh_bytes", nbytes)
         res = pipe.execute()
         return [x.decode() for x in res[: len(encoded)]]
+
+    @staticmethod
+    def _encode_one(i: int, g):
+        """One item of a mixed put: a Group, or a one-row Arrow batch from another producer."""
+        try:
+            if isinstance(g, pa.RecordBatch):
+                if g.num_rows != 1:
+                    raise RecordError("payload", f"a record batch must hold one group, got {g.num_rows} rows")
+                blob = batch_to_ipc(g)  # checks the schema
+                row = rows_to_groups(g)[0]  # checks the content
+                if isinstance(row, RecordError):
+                    raise row
+                return blob, row.policy_version
+            return encode_groups([g])[0], g.policy_version
+        except RecordError as e:
+            field = e.field.split(".", 1)[1] if e.field.startswith("groups[") else e.field
+            raise RecordError(f"groups[{i}].{field}", str(e).split(": ", 1)[1]) from None
 
     # ------------------------------------------------------------------ consumers
 
@@ -264,7 +305,8 @@ class ReplayBuffer:
         groups more than ``max_staleness`` versions old are skipped (counted; they join the
         history). When fresh data is short: ``when_empty="wait"`` blocks up to ``timeout_s``
         then raises ``BufferTimeout`` (groups already taken are kept for the next call);
-        ``"replay"`` fills the slots from the history at once (counted).
+        ``"replay"`` fills the slots from the history at once (counted). The common case is
+        one round trip to Redis (plus one blocking read when fresh data has to be waited for).
         """
         cfg = self.config
         p = cfg.replay_prob if p is None else float(p)
@@ -274,199 +316,210 @@ class ReplayBuffer:
             raise ValueError(f"num_groups must be >= 1, got {num_groups}")
         timeout_s = cfg.timeout_s if timeout_s is None else timeout_s
         t0 = time.monotonic()
-        self._heartbeat()
+        counts = self._counts
+        if not self._recovered:
+            self._recover_own_pending(current_version)
         slots = ["replay" if self.rng.random() < p else "fresh" for _ in range(num_groups)]
-        hist_size = self.r.zcard(self.k_hz)
-        counts: Dict[str, int] = collections.Counter()
-        if hist_size == 0 and "replay" in slots:
-            counts["replay_unavailable"] += slots.count("replay")
+        fresh: List[SampledGroup] = []
+        want = slots.count("fresh")
+        while self._carry and len(fresh) < want:
+            fresh.append(self._carry.popleft())
+        need = want - len(fresh)
+        n_replay = num_groups - want
+        claim = time.monotonic() >= self._next_claim
+        us = [repr(self.rng.random()) for _ in range(n_replay)]
+
+        def build(pipe):
+            if self._inflight:
+                # Reset the idle time of groups handed out but not yet acked, so that a slow but
+                # live consumer does not see them reclaimed by another.
+                pipe.xclaim(self.k_stream, CONSUMER_GROUP, self.consumer, 0, list(self._inflight), justid=True)
+            pipe.zcard(self.k_hz)
+            if claim:
+                pipe.xautoclaim(self.k_stream, CONSUMER_GROUP, self.consumer, int(cfg.claim_idle_s * 1000), "0-0", count=max(need, 1))
+            if need:
+                pipe.xreadgroup(CONSUMER_GROUP, self.consumer, {self.k_stream: ">"}, count=need)
+            if n_replay:
+                pipe.evalsha(self._sha["draw"], 2, self.k_hz, self.k_stream, *us)
+
+        res = self._run(build)
+        res = res[len(res) - (1 + claim + bool(need) + bool(n_replay)):]  # drop counter/heartbeat replies
+        hist_size = res[0]
+        entries = []
+        if claim:
+            self._next_claim = time.monotonic() + cfg.claim_idle_s / 2
+            entries += res[1][1]
+            counts["redelivered"] += len(res[1][1])
+        if need:
+            got = res[1 + claim]
+            entries += got[0][1] if got else []
+        replay_raw = res[-1] if n_replay else []
+        fresh += self._accept(entries, current_version)
+        if n_replay and not replay_raw:  # no history yet: those slots take fresh data
+            counts["replay_unavailable"] += n_replay
             slots = ["fresh"] * num_groups
-        need = slots.count("fresh")
+            want = num_groups
         wait = cfg.when_empty == "wait" or hist_size == 0
-        fresh = self._take_fresh(need, current_version, deadline=t0 + timeout_s if wait else t0, counts=counts)
-        if len(fresh) < need:
+        deadline = t0 + timeout_s
+        while len(fresh) < want and wait and time.monotonic() < deadline:
+            fresh += self._read_fresh(want - len(fresh), current_version, deadline)
+        if len(fresh) > want:  # reclaimed entries beyond this call's need wait for the next one
+            self._carry.extendleft(reversed(fresh[want:]))
+            fresh = fresh[:want]
+        if len(fresh) < want:
             if wait:
                 self._carry.extendleft(reversed(fresh))
-                self._count(counts, timeouts=1)
+                counts["timeouts"] += 1
                 raise BufferTimeout(
-                    f"buffer {cfg.name!r}: {len(fresh)} of {need} fresh groups after {timeout_s:.1f}s "
+                    f"buffer {cfg.name!r}: {len(fresh)} of {want} fresh groups after {timeout_s:.1f}s "
                     f"(when_empty='wait'); producers may be stalled or all data too stale"
                 )
-            short = need - len(fresh)
-            counts["fresh_substituted"] += short
+            counts["fresh_substituted"] += want - len(fresh)
             for i in [i for i, s in enumerate(slots) if s == "fresh"][len(fresh):]:
                 slots[i] = "replay"
-        replay = self._take_replay(slots.count("replay"), current_version, counts)
+        replay = self._decode_replay(replay_raw, current_version)
+        short = slots.count("replay") - len(replay)
+        if short > 0:
+            replay += self._draw_replay(short, current_version)
         fresh_it, replay_it = iter(fresh), iter(replay)
         items = [next(fresh_it) if s == "fresh" else next(replay_it) for s in slots]
         for it in items:
             if it.source == "fresh":
-                self._inflight[it.entry_id] = time.monotonic()
+                self._inflight[it.entry_id] = it.nbytes
             if it.staleness is not None:
                 counts[f"stale:{it.staleness}"] += 1
         counts["served_fresh"] += len(fresh)
-        counts["served_replay"] += len(replay)
-        self._count(counts)
+        counts["served_replay"] += len(items) - len(fresh)
         return SampleBatch(items, waited_s=time.monotonic() - t0)
 
     def ack(self, batch: Union[SampleBatch, Sequence[str]]) -> int:
-        """Mark a batch's fresh groups as trained on; they move into the replay history.
+        """Mark a batch's fresh groups as trained on; they join the replay history.
 
-        Returns how many entered the history (0 for entries that another consumer had
-        reclaimed and acked already).
+        Returns how many joined (0 for entries that another consumer had reclaimed and acked
+        already). Takes a ``SampleBatch`` or the entry ids of groups this object handed out.
         """
-        ids = batch.fresh_ids if isinstance(batch, SampleBatch) else list(batch)
-        if not ids:
+        if isinstance(batch, SampleBatch):
+            pairs = [(it.entry_id, it.nbytes) for it in batch.items if it.source == "fresh"]
+        else:
+            pairs = [(i, self._inflight.get(i, 0)) for i in batch]
+        if not pairs:
             return 0
-        archived, _ = self._archive(ids, "acked")
-        for i in ids:
+        archived, _ = self._archive(pairs, "acked")
+        for i, _ in pairs:
             self._inflight.pop(i, None)
         return archived
 
-    def _archive(self, ids: Sequence[str], counter: str):
+    def _archive(self, pairs, counter: str):
         cfg = self.config
-        args = [CONSUMER_GROUP, cfg.history_max_groups, cfg.history_max_bytes, counter, *ids]
-        return self._ack_script(keys=[self.k_fresh, self.k_hz, self.k_hd, self.k_stats], args=args)
+        args = [CONSUMER_GROUP, cfg.history_max_groups, cfg.history_max_bytes, counter]
+        for eid, size in pairs:
+            args += [eid, size]
+        keys = [self.k_stream, self.k_hz, self.k_hsize, self.k_stats]
+        return self._run(lambda pipe: pipe.evalsha(self._sha["ack"], len(keys), *keys, *args))[-1]
 
-    def _heartbeat(self) -> None:
-        # Reset the idle time of groups handed out but not yet acked, so that a slow but live
-        # consumer does not see them reclaimed by another.
-        if self._inflight:
-            self.r.xclaim(self.k_fresh, CONSUMER_GROUP, self.consumer, 0, list(self._inflight), justid=True)
+    def _recover_own_pending(self, current_version) -> None:
+        """A consumer restarted under the same name gets its un-acked entries back first."""
+        self._recovered = True
+        start = "0"
+        while True:
+            res = self.r.xreadgroup(CONSUMER_GROUP, self.consumer, {self.k_stream: start}, count=256)
+            entries = res[0][1] if res else []
+            if not entries:
+                return
+            self._counts["redelivered"] += len(entries)
+            self._carry.extend(self._accept(entries, current_version))
+            start = entries[-1][0]
 
-    def _take_fresh(self, k: int, current_version, deadline: float, counts) -> List[SampledGroup]:
-        out: List[SampledGroup] = []
-        while self._carry and len(out) < k:
-            out.append(self._carry.popleft())
-        if not self._recovered:
-            # A restarted consumer with the same name: its un-acked entries come back first.
-            self._recovered = True
-            start = "0"
-            while True:
-                res = self.r.xreadgroup(CONSUMER_GROUP, self.consumer, {self.k_fresh: start}, count=256)
-                entries = res[0][1] if res else []
-                if not entries:
-                    break
-                counts["redelivered"] += len(entries)
-                self._carry.extend(self._accept(entries, current_version, counts))
-                start = entries[-1][0]
-            while self._carry and len(out) < k:
-                out.append(self._carry.popleft())
-        claim_ms = int(self.config.claim_idle_s * 1000)
-        while len(out) < k:
-            need = k - len(out)
-            claimed = self.r.xautoclaim(self.k_fresh, CONSUMER_GROUP, self.consumer, claim_ms, "0-0", count=need)
-            entries = claimed[1]
-            if entries:
-                counts["redelivered"] += len(entries)
-            if len(entries) < need:
-                remaining_ms = int((deadline - time.monotonic()) * 1000)
-                res = self.r.xreadgroup(
-                    CONSUMER_GROUP, self.consumer, {self.k_fresh: ">"}, count=need - len(entries),
-                    block=remaining_ms if remaining_ms >= 1 else None,
-                )
-                entries = list(entries) + (res[0][1] if res else [])
-            out.extend(self._accept(entries, current_version, counts))
-            if len(out) < k and time.monotonic() >= deadline:
-                break
-        # Entries beyond k (possible after recovery) wait in the carry for the next call.
-        for extra in out[k:]:
-            self._carry.appendleft(extra)
-        return out[:k]
+    def _read_fresh(self, k: int, current_version, deadline: float) -> List[SampledGroup]:
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        res = self.r.xreadgroup(
+            CONSUMER_GROUP, self.consumer, {self.k_stream: ">"}, count=k, block=remaining_ms if remaining_ms >= 1 else None
+        )
+        return self._accept(res[0][1] if res else [], current_version)
 
-    def _accept(self, entries, current_version, counts) -> List[SampledGroup]:
+    def _accept(self, entries, current_version) -> List[SampledGroup]:
         """Decode stream entries; skip (and archive) stale ones, dead-letter corrupt ones."""
-        ok, stale = [], []
+        keep, stale = [], []
         cfg = self.config
         for eid, fields in entries:
             eid = eid.decode() if isinstance(eid, bytes) else eid
             if not fields or b"d" not in fields:  # deleted from the stream while pending
-                self.r.xack(self.k_fresh, CONSUMER_GROUP, eid)
+                self.r.xack(self.k_stream, CONSUMER_GROUP, eid)
                 continue
-            blob = fields[b"d"]
             try:
                 version = int(fields.get(b"v", b"-1"))
             except ValueError:
                 version = -1
             if cfg.max_staleness is not None and current_version is not None and version >= 0:
                 if current_version - version > cfg.max_staleness:
-                    stale.append(eid)
+                    stale.append((eid, len(fields[b"d"])))
                     continue
-            try:
-                g = decode_group(blob)
-            except RecordError as e:
-                self._dead_letter(eid, blob, str(e), source="fresh")
-                counts["corrupt"] += 1
-                continue
-            st = None if current_version is None else int(current_version) - int(g.policy_version)
-            ok.append(SampledGroup(g, "fresh", eid, st, len(blob)))
+            keep.append((eid, fields[b"d"]))
         if stale:
             self._archive(stale, "stale_skipped")
-        return ok
+        return self._decode(keep, "fresh", current_version)
 
-    def _take_replay(self, k: int, current_version, counts) -> List[SampledGroup]:
+    def _decode(self, pairs, source: str, current_version) -> List[SampledGroup]:
+        out = []
+        for (eid, blob), g in zip(pairs, decode_groups([b for _, b in pairs])):
+            if isinstance(g, RecordError):
+                self._dead_letter(eid, blob, str(g), source=source)
+                continue
+            st = None if current_version is None else int(current_version) - int(g.policy_version)
+            out.append(SampledGroup(g, source, eid, st, len(blob)))
+        return out
+
+    def _decode_replay(self, raw, current_version) -> List[SampledGroup]:
+        pairs = [(m.decode(), b) for m, b in zip(raw[0::2], raw[1::2])]
+        return self._decode(pairs, "replay", current_version)
+
+    def _draw_replay(self, k: int, current_version) -> List[SampledGroup]:
+        """Draw until k good groups (corrupt ones are dead-lettered and drawn again)."""
         out: List[SampledGroup] = []
         for _attempt in range(5):
-            if len(out) >= k:
-                break
             us = [repr(self.rng.random()) for _ in range(k - len(out))]
-            res = self._draw_script(keys=[self.k_hz, self.k_hd], args=us)
-            if not res:
+            raw = self._run(lambda pipe: pipe.evalsha(self._sha["draw"], 2, self.k_hz, self.k_stream, *us))[-1]
+            if not raw:
                 break
-            for member, blob in zip(res[0::2], res[1::2]):
-                member = member.decode()
-                try:
-                    g = decode_group(blob)
-                except RecordError as e:
-                    self._dead_letter(member, blob, str(e), source="replay")
-                    counts["corrupt"] += 1
-                    continue
-                st = None if current_version is None else int(current_version) - int(g.policy_version)
-                out.append(SampledGroup(g, "replay", member, st, len(blob)))
-        if len(out) < k:
-            raise BufferTimeout(f"buffer {self.config.name!r}: replay history could not supply {k} groups")
-        return out
+            out += self._decode_replay(raw, current_version)
+            if len(out) >= k:
+                return out
+        raise BufferTimeout(f"buffer {self.config.name!r}: replay history could not supply {k} groups")
 
     def _dead_letter(self, eid: str, blob: bytes, why: str, *, source: str) -> None:
         log.error("buffer %r: corrupt %s group %s skipped: %s", self.config.name, source, eid, why)
+        self._counts["corrupt"] += 1
         pipe = self.r.pipeline(transaction=True)
         pipe.xadd(self.k_dead, {"id": eid, "source": source, "error": why, "d": blob}, maxlen=self.config.dead_letter_max, approximate=True)
+        pipe.xdel(self.k_stream, eid)
         if source == "fresh":
-            pipe.xack(self.k_fresh, CONSUMER_GROUP, eid)
-            pipe.xdel(self.k_fresh, eid)
+            pipe.xack(self.k_stream, CONSUMER_GROUP, eid)
             pipe.hincrby(self.k_stats, "fresh_bytes", -len(blob))
         else:
             pipe.zrem(self.k_hz, eid)
-            pipe.hdel(self.k_hd, eid)
+            pipe.hdel(self.k_hsize, eid)
             pipe.hincrby(self.k_stats, "history_bytes", -len(blob))
-        pipe.execute()
-
-    def _count(self, counts, **more) -> None:
-        counts = {**counts, **more}
-        if not counts:
-            return
-        pipe = self.r.pipeline(transaction=False)
-        for k, v in counts.items():
-            if v:
-                pipe.hincrby(self.k_stats, k, v)
         pipe.execute()
 
     # ------------------------------------------------------------------ monitoring
 
     def stats(self) -> Dict[str, object]:
         """Counters and gauges for monitoring (the dashboard, logs)."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hgetall(self.k_stats)
-        pipe.xlen(self.k_fresh)
-        pipe.xpending(self.k_fresh, CONSUMER_GROUP)
-        pipe.zcard(self.k_hz)
-        pipe.xlen(self.k_dead)
-        raw, xlen, pending, hist, dead = pipe.execute()
+
+        def build(pipe):
+            pipe.hgetall(self.k_stats)
+            pipe.xlen(self.k_stream)
+            pipe.xpending(self.k_stream, CONSUMER_GROUP)
+            pipe.zcard(self.k_hz)
+            pipe.xlen(self.k_dead)
+
+        raw, xlen, pending, hist, dead = self._run(build)[-5:]
         c = {k.decode(): int(v) for k, v in raw.items()}
         staleness = {int(k[6:]): v for k, v in c.items() if k.startswith("stale:")}
         served_f, served_r = c.get("served_fresh", 0), c.get("served_replay", 0)
         out: Dict[str, object] = {
-            "fresh_backlog": xlen - pending["pending"],
+            # The stream holds fresh entries (new or pending) and the history's payloads.
+            "fresh_backlog": xlen - pending["pending"] - hist,
             "fresh_pending": pending["pending"],
             "fresh_bytes": c.get("fresh_bytes", 0),
             "history_groups": hist,
@@ -491,12 +544,17 @@ class ReplayBuffer:
 
     def delete(self) -> None:
         """Remove every key of this buffer (tests, or starting a run afresh)."""
-        self.r.delete(self.k_fresh, self.k_hz, self.k_hd, self.k_stats, self.k_dead)
+        self._counts.clear()
+        self.r.delete(self.k_stream, self.k_hz, self.k_hsize, self.k_stats, self.k_dead)
 
     def close(self) -> None:
         try:
-            self.r.close()
+            if self._counts:
+                self._run(lambda pipe: None)
+        except redis.RedisError:
+            log.warning("buffer %r: could not send final counters", self.config.name)
         finally:
+            self.r.close()
             if self.server:
                 self.server.stop()
 

@@ -197,18 +197,24 @@ def test_corrupt_payloads_in_redis_are_skipped_logged_counted(make_buffer, caplo
     buf = make_buffer(seed=4)
     fill_history(buf, 3)
     buf.put(make_group(10))
-    buf.r.xadd(buf.k_fresh, {"d": b"\xff not arrow", "v": 0})  # written by something else
+    buf.r.xadd(buf.k_stream, {"d": b"\xff not arrow", "v": 0})  # written by something else
     buf.put(make_group(11))
-    buf.r.hset(buf.k_hd, buf.r.zrange(buf.k_hz, 0, 0)[0], b"truncated")  # history entry damaged
     with caplog.at_level(logging.ERROR, logger="agro_dist.buffer"):
         b = buf.sample(2, p=0.0, timeout_s=2)
         assert [g.group_id for g in b.groups] == ["g-0-10", "g-0-11"]
-        for _ in range(30):  # replay draws run into the damaged history entry
+        buf.ack(b)
+        # A damaged history entry: a broken payload that the history index points at.
+        bad_id = buf.r.xadd(buf.k_stream, {"d": b"truncated", "v": 0})
+        buf.r.xgroup_setid(buf.k_stream, "learners", bad_id)  # as if delivered and acked
+        buf.r.zadd(buf.k_hz, {bad_id: 0})
+        buf.r.hset(buf.k_hsize, bad_id, 9)
+        good = {f"g-99-{i}" for i in range(3)} | {"g-0-10", "g-0-11"}
+        for _ in range(30):  # replay draws run into the damaged entry
             r = buf.sample(3, p=1.0)
-            assert len(r) == 3 and all(g.group_id.startswith("g-99-") for g in r.groups)
+            assert len(r) == 3 and {g.group_id for g in r.groups} <= good
     assert "corrupt fresh group" in caplog.text and "corrupt replay group" in caplog.text
     s = buf.stats()
-    assert s["corrupt"] == 2 and s["dead_letters"] == 2 and s["history_groups"] == 2
+    assert s["corrupt"] == 2 and s["dead_letters"] == 2 and s["history_groups"] == 5 and s["fresh_backlog"] == 0
     dead = buf.r.xrange(buf.k_dead)
     assert {e[1][b"source"] for e in dead} == {b"fresh", b"replay"}
     assert b"payload" in dead[0][1][b"error"]
