@@ -139,14 +139,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m agro_dist.buffer.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=8, help="groups per put / sample call (default: %(default)s)")
     ap.add_argument("--mb", type=float, default=48.0, help="approximate MB moved per shape and op (default: %(default)s)")
+    ap.add_argument("--aof", action="store_true", help="append-only persistence on (everysec); off by default "
+                    "because AOF rewrites land at random points and swamp the comparison")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds, best kept (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="two shapes, 8 MB each, one round (a smoke run)")
     a = ap.parse_args(argv)
     shapes = [(4, 512), (16, 4096)] if a.quick else [(4, 512), (4, 4096), (16, 512), (16, 4096)]
     mb = 8.0 if a.quick else a.mb
-    server = RedisServer(appendfsync="everysec").start()
+    server = RedisServer(appendonly=a.aof, appendfsync="everysec").start()
     transports = [("unix socket", server.unix_url), ("tcp", server.url)]
-    print(f"redis-server {server.executable}, AOF everysec, batch={a.batch} groups per call, best of {1 if a.quick else a.rounds} rounds\n")
+    aof = "AOF everysec" if a.aof else "no AOF"
+    print(f"redis-server {server.executable}, {aof}, batch={a.batch} groups per call, best of {1 if a.quick else a.rounds} rounds\n")
     hdr = f"{'transport':11} {'n':>3} {'tokens':>6} {'KB/group':>8} {'op':>10} {'groups/s':>9} {'MB/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'raw g/s':>8} {'raw MB/s':>8} {'ratio':>6}"
     print(hdr)
     print("-" * len(hdr))

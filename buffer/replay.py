@@ -322,18 +322,19 @@ class ReplayBuffer:
         slots = ["replay" if self.rng.random() < p else "fresh" for _ in range(num_groups)]
         fresh: List[SampledGroup] = []
         want = slots.count("fresh")
-        while self._carry and len(fresh) < want:
-            fresh.append(self._carry.popleft())
+        fresh += self._from_carry(want, current_version)
         need = want - len(fresh)
         n_replay = num_groups - want
         claim = time.monotonic() >= self._next_claim
         us = [repr(self.rng.random()) for _ in range(n_replay)]
 
         def build(pipe):
-            if self._inflight:
-                # Reset the idle time of groups handed out but not yet acked, so that a slow but
-                # live consumer does not see them reclaimed by another.
-                pipe.xclaim(self.k_stream, CONSUMER_GROUP, self.consumer, 0, list(self._inflight), justid=True)
+            mine = list(self._inflight) + [it.entry_id for it in self._carry]
+            if mine:
+                # Reset the idle time of groups this consumer holds (handed out and not yet
+                # acked, or taken and not yet handed out) so that a slow but live consumer does
+                # not see them reclaimed by another.
+                pipe.xclaim(self.k_stream, CONSUMER_GROUP, self.consumer, 0, mine, justid=True)
             pipe.zcard(self.k_hz)
             if claim:
                 pipe.xautoclaim(self.k_stream, CONSUMER_GROUP, self.consumer, int(cfg.claim_idle_s * 1000), "0-0", count=max(need, 1))
@@ -416,6 +417,23 @@ class ReplayBuffer:
             args += [eid, size]
         keys = [self.k_stream, self.k_hz, self.k_hsize, self.k_stats]
         return self._run(lambda pipe: pipe.evalsha(self._sha["ack"], len(keys), *keys, *args))[-1]
+
+    def _from_carry(self, k: int, current_version) -> List[SampledGroup]:
+        """Up to k groups taken earlier; re-checked for staleness, since the policy version may
+        have moved on since they were read."""
+        out, stale = [], []
+        cfg = self.config
+        while self._carry and len(out) < k:
+            it = self._carry.popleft()
+            if current_version is not None:
+                it.staleness = int(current_version) - int(it.group.policy_version)
+                if cfg.max_staleness is not None and it.staleness > cfg.max_staleness:
+                    stale.append((it.entry_id, it.nbytes))
+                    continue
+            out.append(it)
+        if stale:
+            self._archive(stale, "stale_skipped")
+        return out
 
     def _recover_own_pending(self, current_version) -> None:
         """A consumer restarted under the same name gets its un-acked entries back first."""

@@ -270,3 +270,15 @@ def test_config_errors():
     for kw, msg in ((dict(replay_prob=1.5), "replay_prob"), (dict(when_empty="drop"), "when_empty"), (dict(max_staleness=-1), "max_staleness")):
         with pytest.raises(ValueError, match=msg):
             ReplayBuffer("redis://127.0.0.1:1/0", **kw)
+
+
+def test_groups_kept_after_a_timeout_are_rechecked_for_staleness(make_buffer):
+    buf = make_buffer(max_staleness=1)
+    buf.put([make_group(i, version=3) for i in range(2)])
+    with pytest.raises(BufferTimeout):
+        buf.sample(4, p=0.0, current_version=3, timeout_s=0.2)  # takes the two, keeps them
+    buf.put([make_group(i, version=5) for i in range(2, 4)])
+    b = buf.sample(2, p=0.0, current_version=5, timeout_s=2)  # version moved on: 3 is too old now
+    assert [g.group_id for g in b.groups] == ["g-0-2", "g-0-3"] and b.staleness == [0, 0]
+    s = buf.stats()
+    assert s["stale_skipped"] == 2 and s["history_groups"] == 2 and s["fresh_pending"] == 2
