@@ -208,6 +208,8 @@ def _pd_surrogate(
     beta: float,
     estimator: str,
     token_kl: Tensor | None,
+    *,
+    loss: str,
 ) -> Tuple[Tensor, Metrics, Tensor]:
     """The pathwise (PD) part shared by agro_off, agro_on and rloo.
 
@@ -218,6 +220,8 @@ def _pd_surrogate(
     the metrics, and the detached advantages ``R_i - b_i`` [P, n] (for the LR term).
     """
     B, T = logps.shape
+    if estimator == "local":
+        _check_extra("token_kl", token_kl, B, T, loss=loss)
     lr_tok = (logps - ref_logps).detach()
     lr = lr_tok.sum(-1)
     r = rewards.to(logps.dtype)
@@ -252,7 +256,7 @@ def agro_off(logps, ref_logps, mask, rewards, *, group_size: int, beta: float) -
     Only the sequence-level (g1) KL estimator applies off-policy, so there is no option.
     """
     logps, ref_logps, mask, _, beta = _check(logps, ref_logps, mask, rewards, group_size, beta, loss="agro_off")
-    loss, metrics, _ = _pd_surrogate(logps, ref_logps, mask, rewards, group_size, beta, "sequence", None)
+    loss, metrics, _ = _pd_surrogate(logps, ref_logps, mask, rewards, group_size, beta, "sequence", None, loss="agro_off")
     return loss, metrics
 
 
@@ -291,9 +295,7 @@ def agro_on(
         raise ValueError(f"agro_on: lr_baseline must be 'none' or 'loo', got {lr_baseline!r}")
     logps, ref_logps, mask, _, beta = _check(logps, ref_logps, mask, rewards, group_size, beta, loss="agro_on")
     B, T = logps.shape
-    if kl_estimator == "local":
-        _check_extra("token_kl", token_kl, B, T, loss="agro_on")
-    loss_pd, metrics, adv = _pd_surrogate(logps, ref_logps, mask, rewards, group_size, beta, kl_estimator, token_kl)
+    loss_pd, metrics, adv = _pd_surrogate(logps, ref_logps, mask, rewards, group_size, beta, kl_estimator, token_kl, loss="agro_on")
     q = adv.square()
     if lr_baseline == "loo":
         q = q - _loo_mean(q)
@@ -323,10 +325,7 @@ def rloo(
     KL part (on-policy only). Off-policy it has no such guarantee: use ``agro_off``.
     """
     logps, ref_logps, mask, _, beta = _check(logps, ref_logps, mask, rewards, group_size, beta, loss="rloo")
-    B, T = logps.shape
-    if kl_estimator == "local":
-        _check_extra("token_kl", token_kl, B, T, loss="rloo")
-    loss, metrics, _ = _pd_surrogate(logps, ref_logps, mask, rewards, group_size, beta, kl_estimator, token_kl)
+    loss, metrics, _ = _pd_surrogate(logps, ref_logps, mask, rewards, group_size, beta, kl_estimator, token_kl, loss="rloo")
     return loss, metrics
 
 
