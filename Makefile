@@ -8,6 +8,9 @@ PYTEST_ARGS ?=
 
 STAMP := $(VENV)/.installed
 
+# DeepSpeed compiles a communication op on first use (~25 s); keep it across runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
 .PHONY: install test figure1 clean
 
 install: $(STAMP)
@@ -24,4 +27,4 @@ figure1: $(STAMP)
 	$(VENV)/bin/python -m agro_dist.tabular --out runs/figure1
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .cache

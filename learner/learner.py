@@ -1,0 +1,456 @@
+"""The learner: a DeepSpeed engine that applies an AGRO loss to batches of groups.
+
+One ``Learner`` per DeepSpeed rank (a torchrun process, or a Ray actor that sets the usual
+``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``). Each ``train_step`` takes this rank's
+share of a global batch of groups, computes reference log-probs (cached per group, so replayed
+groups cost no second reference pass), runs forward/backward over micro-batches of whole groups,
+and applies one optimizer step, or none if anything was non-finite. ``publish`` returns a real
+copy of the weights with a version; ``save_checkpoint``/``load_checkpoint`` write and read an
+atomic checkpoint (a Hugging Face folder plus DeepSpeed state, RNG states, version and the
+caller's cursor) from which training continues bitwise.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from agro_dist.losses import get_loss, needs_token_kl  # noqa: E402
+from agro_dist.records import Group  # noqa: E402
+
+from .batching import MicroBatch, check_groups, split_micro_batches  # noqa: E402
+from .logprobs import chunked_logprobs, token_kl  # noqa: E402
+
+log = logging.getLogger("agro_dist.learner")
+logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LearnerConfig:
+    model: str  # a Hugging Face causal-LM folder
+    ref_model: Optional[str] = None  # default: the same folder as model
+    loss: str = "agro_off"
+    loss_options: Dict[str, Any] = field(default_factory=dict)
+    beta: float = 0.05
+    batch_groups: int = 8  # groups per optimizer step, over all ranks
+    micro_groups: int = 2  # groups per forward/backward on one rank
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: Tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # 0: off
+    lr_schedule: str = "constant"  # "constant" or "cosine" (to min_lr_ratio * lr at total_steps)
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.0
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    dtype: str = "float32"  # "bfloat16" on GPU; float32 on CPU (bf16 trains ~25x slower there)
+    logprob_chunk: int = 1024  # positions per chunk of vocabulary logits
+    pad_to_multiple_of: int = 1
+    ref_cache_groups: int = 4096
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # merged over the generated config
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """torch AdamW that refuses non-finite gradients: the whole step is skipped, gradients are
+    cleared and ``overflow`` is set (DeepSpeed reads it, counts ``skipped_steps`` and does not
+    call the LR scheduler). Gradient clipping happens here too, after the finite check, so the
+    pre-clip norm is known (``last_grad_norm``). Used for ZeRO stage 0, where DeepSpeed has no
+    fp32 overflow check; stages 1-3 check the gradient norm themselves."""
+
+    def __init__(self, params, *, clip: float = 0.0, **kw):
+        super().__init__(params, **kw)
+        self.clip = clip
+        self.overflow = False
+        self.last_grad_norm = float("nan")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.float()) for x in grads])) if grads else torch.zeros(())
+        self.last_grad_norm = float(norm)
+        self.overflow = not math.isfinite(self.last_grad_norm)
+        if self.overflow:
+            self.zero_grad(set_to_none=True)
+            return None
+        if self.clip > 0 and self.last_grad_norm > self.clip:
+            for x in grads:
+                x.mul_(self.clip / (self.last_grad_norm + 1e-6))
+        return super().step(closure)
+
+
+def _init_distributed() -> None:
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # a lone process: a world of one, on a fresh loopback port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def lr_at(cfg: LearnerConfig, step: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then constant or cosine."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        span = max(cfg.total_steps - cfg.warmup_steps, 1)
+        t = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+
+
+class Learner:
+    def __init__(self, cfg: LearnerConfig):
+        self.cfg = cfg
+        if cfg.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+        lr_at(cfg, 0)  # validates the schedule name
+        self.loss_fn = get_loss(cfg.loss)
+        self.need_token_kl = needs_token_kl(cfg.loss, **cfg.loss_options)
+        for path in (cfg.model, cfg.ref_model or cfg.model):
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"model folder not found: {path}")
+        _init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if cfg.batch_groups % (self.world * cfg.micro_groups):
+            raise ValueError(
+                f"batch_groups={cfg.batch_groups} must be a multiple of world_size * micro_groups = "
+                f"{self.world} * {cfg.micro_groups}: every rank gets equal, whole micro-batches"
+            )
+        torch.manual_seed(cfg.seed)
+        dtype = DTYPES[cfg.dtype]
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+        model.config.use_cache = False
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model or cfg.model, dtype=dtype)
+        self.ref.config.use_cache = False
+        self.ref.eval().requires_grad_(False)
+        self.pad_id = int(model.config.pad_token_id or 0)
+        ds_config = self._ds_config()
+        params = [p for p in model.parameters() if p.requires_grad]
+        kw = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        opt = GuardedAdamW(params, clip=cfg.grad_clip, **kw) if cfg.zero_stage == 0 else torch.optim.AdamW(params, **kw)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+        if self.engine.device.type == "cuda":
+            self.ref.to(self.engine.device)
+        self.version = 0  # optimizer steps applied = the policy version it publishes
+        self.skipped_batches = 0
+        self._ref_cache: "collections.OrderedDict[str, List[torch.Tensor]]" = collections.OrderedDict()
+
+    def _ds_config(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        zero: Dict[str, Any] = {"stage": cfg.zero_stage}
+        if cfg.zero_stage == 2:
+            zero.update(overlap_comm=False, contiguous_gradients=True)
+        if cfg.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        c = {
+            "train_micro_batch_size_per_gpu": cfg.micro_groups,
+            "gradient_accumulation_steps": cfg.batch_groups // (self.world * cfg.micro_groups),
+            # The learner weights each micro-batch itself and calls step() once per batch.
+            "managed_gradient_accumulation": False,
+            "zero_optimization": zero,
+            # Stage 0 clips inside GuardedAdamW (which must see the pre-clip norm).
+            "gradient_clipping": cfg.grad_clip if cfg.zero_stage > 0 else 0.0,
+            "bf16": {"enabled": cfg.dtype == "bfloat16"},
+            "fp16": {"enabled": False},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        return _merge(c, cfg.deepspeed)
+
+    # ------------------------------------------------------------------ log-probs
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def _hidden(self, model, mb: MicroBatch) -> torch.Tensor:
+        dev = self.engine.device
+        out = model.get_decoder()(input_ids=mb.input_ids.to(dev), attention_mask=mb.attention_mask.to(dev))
+        return out.last_hidden_state[:, :-1]  # position j predicts token j + 1
+
+    def _logprobs(self, model, mb: MicroBatch, *, entropy: bool = False):
+        """Per-token log-probs [R, L-1] (0 off the response) and the entropy at response positions."""
+        h = self._hidden(model, mb)
+        mask = mb.resp_mask.to(h.device)
+        targets = mb.input_ids[:, 1:].to(h.device)[mask]
+        lp, ent = chunked_logprobs(h[mask], model.get_output_embeddings().weight, targets, chunk=self.cfg.logprob_chunk, entropy=entropy)
+        full = torch.zeros(mask.shape, dtype=lp.dtype, device=h.device).masked_scatter(mask, lp)
+        return full, ent, h
+
+    @torch.no_grad()
+    def _ref_logprobs(self, mb: MicroBatch, groups: Sequence[Group]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Reference log-probs [R, L-1], from the cache where every group of the micro-batch is
+        in it (replayed groups), else one reference forward (whose results are cached)."""
+        cached = [self._ref_cache.get(g.group_id) for g in groups]
+        if not self.need_token_kl and all(c is not None for c in cached):
+            for g in groups:
+                self._ref_cache.move_to_end(g.group_id)
+            rows = [t for c in cached for t in c]
+            out = torch.zeros(mb.resp_mask.shape, dtype=torch.float32)
+            out[mb.resp_mask] = torch.cat(rows)
+            return out, None
+        full, _, h = self._logprobs(self.ref, mb)
+        full = full.float().cpu()
+        r = 0
+        for g in groups:
+            rows = [full[r + i][mb.resp_mask[r + i]].clone() for i in range(g.n)]
+            r += g.n
+            self._ref_cache[g.group_id] = rows
+            self._ref_cache.move_to_end(g.group_id)
+        while len(self._ref_cache) > self.cfg.ref_cache_groups:
+            self._ref_cache.popitem(last=False)
+        return full, (h if self.need_token_kl else None)
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(
+        self,
+        groups: Sequence[Group],
+        *,
+        staleness: Optional[Sequence[int]] = None,
+        replay_fraction: Optional[float] = None,
+        wait_s: float = 0.0,
+    ) -> Dict[str, float]:
+        """One optimizer step on this rank's ``batch_groups / world_size`` groups.
+
+        Returns metrics (floats): loss parts, reward, regularised reward, KL estimate, entropy,
+        grad norm, staleness, replay fraction, tokens/s and the step time split. A batch whose
+        loss or gradients are non-finite is not applied (``skipped`` = 1, counted, logged).
+        """
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        per_rank = cfg.batch_groups // self.world
+        if len(groups) != per_rank:
+            raise ValueError(f"train_step wants this rank's {per_rank} groups (batch_groups / world_size), got {len(groups)}")
+        check_groups(groups)
+        mbs = split_micro_batches(groups, cfg.micro_groups, pad_id=self.pad_id, pad_multiple=cfg.pad_to_multiple_of)
+        chunks = [groups[s:s + cfg.micro_groups] for s in range(0, len(groups), cfg.micro_groups)]
+        times = collections.Counter()
+        sums: Dict[str, float] = collections.defaultdict(float)
+        ent_sum, ent_n, drift_sum = 0.0, 0, 0.0
+        bad = False
+        self.engine.train()
+        lr = lr_at(cfg, self.version)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        for mb, gs in zip(mbs, chunks):
+            t = time.perf_counter()
+            ref_lp, ref_h = self._ref_logprobs(mb, gs)
+            times["ref_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            logps, ent, h = self._logprobs(self.module, mb, entropy=True)
+            dev = logps.device
+            mask = mb.resp_mask.to(dev)
+            opts = dict(cfg.loss_options)
+            if self.need_token_kl:
+                W = self.module.get_output_embeddings().weight
+                kl = token_kl(h[mask], W, ref_h[mask], self.ref.get_output_embeddings().weight, chunk=cfg.logprob_chunk)
+                opts["token_kl"] = torch.zeros(mask.shape, dtype=kl.dtype, device=dev).masked_scatter(mask, kl)
+            loss, m = self.loss_fn(logps, ref_lp.to(dev), mask, mb.rewards.to(dev), group_size=mb.group_size, beta=cfg.beta, **opts)
+            weight = mb.num_groups / len(groups)  # the batch loss is the mean over this rank's prompts
+            if not torch.isfinite(loss):
+                bad = True
+                # Backpropagate NaN so the gradients are non-finite on purpose: the optimizer
+                # guard (stage 0) or DeepSpeed's overflow check (stages 1-3) then skips the step
+                # on every rank (gradients are all-reduced first), and nothing is applied.
+                loss = sum(p.sum() for p in self.module.parameters() if p.requires_grad) * float("nan")
+            self.engine.backward(loss * weight, scale_wrt_gas=False)
+            times["policy_s"] += time.perf_counter() - t
+            for k, v in m.items():
+                sums[k] += float(v) * weight
+            ent_sum += float(ent.sum())
+            ent_n += int(ent.numel())
+            drift_sum += float(((logps.detach().float().cpu() - mb.behaviour_logps) * mb.resp_mask).sum())
+        t = time.perf_counter()
+        self.engine.step()
+        applied = self.engine.was_step_applied()
+        times["optimizer_s"] += time.perf_counter() - t
+        if applied:
+            self.version += 1
+        else:
+            self.skipped_batches += 1
+            log.warning("learner: batch skipped (non-finite %s); %d skipped so far", "loss" if bad else "gradients", self.skipped_batches)
+        tokens = sum(mb.num_response_tokens for mb in mbs)
+        total = time.perf_counter() - t0
+        out = dict(sums)
+        out.update(
+            skipped=float(not applied),
+            skipped_total=float(self.skipped_batches),
+            version=float(self.version),
+            lr=lr,
+            grad_norm=self._grad_norm(),
+            entropy=ent_sum / max(ent_n, 1),
+            policy_minus_behaviour_logp=drift_sum / max(tokens, 1),  # drift of the data's sampler from pi
+            response_tokens=float(tokens),
+            tokens_per_s=tokens / total,
+            wait_s=wait_s,
+            step_s=total,
+            **{k: float(v) for k, v in times.items()},
+        )
+        if staleness:
+            st = [s for s in staleness if s is not None]
+            if st:
+                out.update(staleness_mean=sum(st) / len(st), staleness_max=float(max(st)))
+        if replay_fraction is not None:
+            out["replay_fraction"] = float(replay_fraction)
+        return out
+
+    def _grad_norm(self) -> float:
+        if isinstance(self.engine.optimizer, GuardedAdamW):
+            return self.engine.optimizer.last_grad_norm
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # ------------------------------------------------------------------ weights out
+
+    def publish(self) -> Tuple[int, Dict[str, torch.Tensor]]:
+        """(version, a state dict of CPU tensors that share no memory with the engine).
+
+        ``clone()``, not ``detach()``: under ZeRO the parameters are views into flat buffers, and
+        a view kept in Ray's object store pins (and copies) the whole buffer. Under ZeRO 3 the
+        partitions are gathered first."""
+        params = list(self.module.named_parameters())
+        if self.cfg.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+                sd = {k: p.detach().to("cpu", copy=True).clone() for k, p in params}
+        else:
+            sd = {k: p.detach().to("cpu", copy=True).clone() for k, p in params}
+        for k, b in self.module.named_buffers():
+            if k in self.module.state_dict():
+                sd[k] = b.detach().to("cpu", copy=True).clone()
+        return self.version, sd
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, root: str, *, extra: Optional[Dict[str, Any]] = None) -> str:
+        """Write ``root/step_{version:08d}`` atomically and point ``root/latest`` at it.
+
+        Contents: ``hf/`` (safetensors; ``from_pretrained`` loads it), ``ds/`` (DeepSpeed
+        module, optimizer state per rank), ``rng_rank{r}.pt``, ``meta.json`` (version, skipped
+        count, config, the caller's ``extra``: e.g. the buffer cursor). Written in a temporary
+        folder first and renamed once complete, so a crash never leaves a half checkpoint
+        behind ``latest``. Collective: every rank calls it.
+        """
+        name = f"step_{self.version:08d}"
+        final = os.path.join(root, name)
+        tmp = os.path.join(root, f".tmp-{name}")
+        if self.rank == 0:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        self.engine.save_checkpoint(tmp, tag="ds", save_latest=False)
+        torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+        version, sd = self.publish()
+        if self.rank == 0:
+            self.module.save_pretrained(os.path.join(tmp, "hf"), state_dict=sd, safe_serialization=True)
+            meta = dict(version=self.version, skipped_batches=self.skipped_batches, world_size=self.world,
+                        config=asdict(self.cfg), extra=extra or {}, time=time.time())
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=1, default=str)
+        dist.barrier()
+        if self.rank == 0:
+            _fsync_tree(tmp)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _atomic_write(os.path.join(root, "latest"), name)
+        dist.barrier()
+        return final
+
+    def load_checkpoint(self, path: str) -> Dict[str, Any]:
+        """Resume from a checkpoint folder, or from ``root`` (its ``latest``); returns meta."""
+        latest = os.path.join(path, "latest")
+        if os.path.exists(latest):
+            with open(latest) as f:
+                path = os.path.join(path, f.read().strip())
+        if not os.path.exists(os.path.join(path, "meta.json")):
+            raise FileNotFoundError(f"no complete checkpoint at {path}")
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        if meta["world_size"] != self.world:
+            raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {self.world}")
+        load_path, _ = self.engine.load_checkpoint(path, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {path}/ds")
+        _set_rng_state(torch.load(os.path.join(path, f"rng_rank{self.rank}.pt"), weights_only=False))
+        self.version = int(meta["version"])
+        self.skipped_batches = int(meta["skipped_batches"])
+        self._ref_cache.clear()
+        return meta
+
+
+def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _rng_state() -> Dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: Dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _fsync_tree(path: str) -> None:
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,306 @@
+"""The DeepSpeed learner on a tiny random-init Llama (CPU, gloo): log-probs, batching, the
+update against a plain PyTorch loop, padding invariance, NaN skipping, publishing, checkpoints,
+2 ranks under torchrun, and resume after kill -9."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from agro_dist.learner.batching import collate
+from agro_dist.learner.learner import Learner, LearnerConfig, lr_at
+from agro_dist.learner.logprobs import chunked_logprobs, naive_logprobs, token_kl
+from agro_dist.losses import get_loss
+from learner_worker import batch_for_step
+
+HERE = os.path.dirname(__file__)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A random-init Llama small enough to train in milliseconds, saved as a HF folder."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    path = str(tmp_path_factory.mktemp("tiny-llama"))
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def make_learner(model, **kw):
+    base = dict(model=model, batch_groups=4, micro_groups=2, lr=1e-2, beta=0.1, weight_decay=0.01, grad_clip=1.0)
+    base.update(kw)
+    return Learner(LearnerConfig(**base))
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
+def test_chunked_logprobs_equal_naive_values_gradients_entropy(chunk):
+    g = torch.Generator().manual_seed(1)
+    N, H, V = 97, 24, 300
+    h = torch.randn(N, H, generator=g).requires_grad_(True)
+    W = torch.randn(V, H, generator=g).requires_grad_(True)
+    y = torch.randint(0, V, (N,), generator=g)
+    w = torch.randn(N, generator=g)
+    lp, ent = chunked_logprobs(h, W, y, chunk=chunk, entropy=True)
+    ref = naive_logprobs(h, W, y)
+    assert (lp - ref).abs().max() < 1e-5
+    g1 = torch.autograd.grad((lp * w).sum(), (h, W))
+    g2 = torch.autograd.grad((ref * w).sum(), (h, W))
+    for a, b in zip(g1, g2):
+        assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
+    # Entropy (a metric) against float64: float32 rounding grows with |logits| (~20 here).
+    full = torch.log_softmax(h.detach().double() @ W.detach().double().T, -1)
+    assert (ent.double() - -(full.exp() * full).sum(-1)).abs().max() < 1e-4
+
+
+def test_token_kl_matches_full_vocabulary_kl():
+    g = torch.Generator().manual_seed(2)
+    h, hr = torch.randn(10, 8, generator=g).requires_grad_(True), torch.randn(10, 8, generator=g)
+    W, Wr = torch.randn(30, 8, generator=g), torch.randn(30, 8, generator=g)
+    kl = token_kl(h, W, hr, Wr, chunk=3)
+    p, q = torch.log_softmax(h @ W.T, -1), torch.log_softmax(hr @ Wr.T, -1)
+    ref = (p.exp() * (p - q)).sum(-1)
+    assert (kl - ref).abs().max() < 1e-5
+    assert (torch.autograd.grad(kl.sum(), h)[0] - torch.autograd.grad(ref.sum(), h)[0]).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_collate_places_responses_at_their_target_positions():
+    groups = batch_for_step(0, 2)
+    mb = collate(groups, pad_multiple=8)
+    assert mb.input_ids.shape[1] % 8 == 0 and mb.num_rows == 8 and mb.group_size == 4
+    r = 0
+    for g in groups:
+        P = len(g.prompt_token_ids)
+        for c in g.completions:
+            T = len(c.token_ids)
+            targets = mb.input_ids[r, 1:][mb.resp_mask[r]]
+            assert targets.tolist() == list(c.token_ids)
+            assert mb.resp_mask[r].nonzero().flatten().tolist() == list(range(P - 1, P - 1 + T))
+            assert mb.attention_mask[r].sum() == P + T
+            assert torch.allclose(mb.behaviour_logps[r][mb.resp_mask[r]], torch.as_tensor(c.logprobs))
+            r += 1
+    bad = batch_for_step(1, 2)
+    bad[1].completions.pop()
+    with pytest.raises(ValueError, match="same number of completions"):
+        collate(bad)
+
+
+# ----------------------------------------------------------------------------- the update
+
+
+def plain_pytorch_steps(model_path, steps, *, lr=1e-2, beta=0.1, wd=0.01, clip=1.0, eps=1e-4, loss="agro_off", micro_groups=2):
+    """The reference: HF model, full-vocabulary logits, the registry loss, torch AdamW."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, eps=eps)
+    fn = get_loss(loss)
+    for step, groups in enumerate(steps):
+        opt.zero_grad()
+        for s in range(0, len(groups), micro_groups):
+            mb = collate(groups[s:s + micro_groups])
+
+            def lp(m):
+                logits = m(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1].float()
+                full = torch.log_softmax(logits, -1).gather(2, mb.input_ids[:, 1:, None]).squeeze(2)
+                return torch.where(mb.resp_mask, full, 0.0)
+
+            with torch.no_grad():
+                ref_lp = lp(ref)
+            out, _ = fn(lp(model), ref_lp, mb.resp_mask, mb.rewards, group_size=mb.group_size, beta=beta)
+            (out * mb.num_groups / len(groups)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_learner_steps_equal_a_plain_pytorch_loop(tiny_model, zero):
+    """Two steps, ZeRO 0 and 2, against HF + full logits + torch AdamW.
+
+    Tolerance: the gradients agree to ~3e-7 relative (float32: chunked vs full log-softmax,
+    reduction order). Adam turns a gradient near its eps into an update of size ~lr whatever
+    its magnitude, so with eps = 1e-8 float noise in a 1e-8 gradient moves a weight by ~1e-5;
+    both runs use eps = 1e-4, which bounds d(update)/d(gradient) by lr/eps = 100, and a 1e-6
+    parameter tolerance is then meaningful (a real bug moves weights by ~lr = 1e-2)."""
+    batches = [batch_for_step(s, 4) for s in range(2)]
+    learner = make_learner(tiny_model, zero_stage=zero, adam_eps=1e-4)
+    before = {k: v.clone() for k, v in learner.publish()[1].items()}
+    for b in batches:
+        m = learner.train_step(b)
+        assert m["skipped"] == 0
+    _, got = learner.publish()
+    want = plain_pytorch_steps(tiny_model, batches)
+    moved = max((want[k] - before[k]).abs().max().item() for k in want)
+    diff = max((got[k] - want[k]).abs().max().item() for k in want)
+    print(f"\nZeRO {zero}: largest parameter change {moved:.3e}, largest difference from plain PyTorch {diff:.3e}")
+    assert moved > 1e-3  # the steps did something
+    assert diff < 1e-6
+
+
+def test_padding_and_micro_batch_layout_do_not_change_the_update(tiny_model):
+    """Groups of unequal lengths split differently and padded differently: the same update
+    (adam_eps = 1e-4 for the reason given in the test above)."""
+    batch = batch_for_step(3, 4)
+    a = make_learner(tiny_model, micro_groups=2, pad_to_multiple_of=1, adam_eps=1e-4)
+    b = make_learner(tiny_model, micro_groups=1, pad_to_multiple_of=48, adam_eps=1e-4)
+    a.train_step(batch)
+    b.train_step(batch)
+    pa, pb = a.publish()[1], b.publish()[1]
+    diff = max((pa[k] - pb[k]).abs().max().item() for k in pa)
+    print(f"\nmicro_groups 2 / no extra padding vs micro_groups 1 / padded to 48: max difference {diff:.2e}")
+    assert diff < 1e-6
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_non_finite_batch_is_skipped_logged_counted_never_applied(tiny_model, zero, caplog):
+    learner = make_learner(tiny_model, zero_stage=zero)
+    learner.train_step(batch_for_step(0, 4))
+    before = {k: v.clone() for k, v in learner.publish()[1].items()}
+    opt_state = [v.clone() for st in learner.engine.optimizer.state_dict()["state"].values() for v in st.values() if torch.is_tensor(v)] if zero == 0 else None
+    emb = learner.ref.get_input_embeddings().weight
+    saved = emb.detach().clone()
+    with torch.no_grad():
+        emb[5] = float("nan")  # a corrupted reference: NaN reference log-probs, NaN loss
+    with caplog.at_level(logging.WARNING, logger="agro_dist.learner"):
+        m = learner.train_step(batch_for_step(1, 4))
+    assert m["skipped"] == 1 and m["skipped_total"] == 1 and m["version"] == 1
+    assert "batch skipped" in caplog.text
+    after = learner.publish()[1]
+    assert all(torch.equal(before[k], after[k]) for k in before), "a skipped batch changed the weights"
+    if opt_state is not None:
+        now = [v for st in learner.engine.optimizer.state_dict()["state"].values() for v in st.values() if torch.is_tensor(v)]
+        assert all(torch.equal(x, y) for x, y in zip(opt_state, now)), "a skipped batch changed the optimizer state"
+    with torch.no_grad():
+        emb.copy_(saved)
+    learner._ref_cache.clear()
+    m = learner.train_step(batch_for_step(2, 4))
+    assert m["skipped"] == 0 and m["version"] == 2
+    assert all(math.isfinite(v.abs().max().item()) for v in learner.publish()[1].values())
+
+
+def test_published_state_dict_is_a_real_copy(tiny_model):
+    learner = make_learner(tiny_model, zero_stage=2)
+    version, sd = learner.publish()
+    frozen = {k: v.clone() for k, v in sd.items()}
+    params = dict(learner.module.named_parameters())
+    for k, v in sd.items():
+        assert v.untyped_storage().nbytes() == v.numel() * v.element_size(), f"{k} is a view into a larger buffer"
+        assert v.untyped_storage().data_ptr() != params[k].untyped_storage().data_ptr()
+    learner.train_step(batch_for_step(0, 4))
+    with torch.no_grad():
+        for p in learner.module.parameters():
+            p.add_(1.0)
+    assert version == 0 and all(torch.equal(frozen[k], sd[k]) for k in sd)
+
+
+def test_reference_log_probs_are_cached_per_group(tiny_model):
+    learner = make_learner(tiny_model)
+    calls = []
+    learner.ref.get_decoder().register_forward_hook(lambda *a: calls.append(1))
+    batch = batch_for_step(0, 4)
+    learner.train_step(batch)
+    assert len(calls) == 2  # two micro-batches
+    learner.train_step(batch)  # replayed groups: no reference forward
+    assert len(calls) == 2
+
+
+def test_lr_schedule_and_config_errors(tiny_model):
+    cfg = LearnerConfig(model=tiny_model, lr=1.0, warmup_steps=2, lr_schedule="cosine", total_steps=12, min_lr_ratio=0.1)
+    assert [round(lr_at(cfg, s), 4) for s in (0, 1, 2, 7, 12, 50)] == [0.5, 1.0, 1.0, 0.55, 0.1, 0.1]
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        make_learner(tiny_model, batch_groups=3, micro_groups=2)
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        make_learner(tiny_model + "-missing")
+    with pytest.raises(ValueError, match="unknown loss"):
+        make_learner(tiny_model, loss="ppo")
+    learner = make_learner(tiny_model)
+    with pytest.raises(ValueError, match="wants this rank's 4 groups"):
+        learner.train_step(batch_for_step(0, 3))
+
+
+@pytest.mark.parametrize("loss,opts", [("agro_on", {"kl_estimator": "local"}), ("kl_pg", {}), ("grpo", {})])
+def test_other_losses_train(tiny_model, loss, opts):
+    learner = make_learner(tiny_model, loss=loss, loss_options=opts)
+    m = learner.train_step(batch_for_step(0, 4))
+    assert m["skipped"] == 0 and math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_is_a_loadable_hf_folder_written_atomically(tiny_model, tmp_path):
+    learner = make_learner(tiny_model, zero_stage=2)
+    learner.train_step(batch_for_step(0, 4))
+    path = learner.save_checkpoint(str(tmp_path / "ckpt"), extra={"buffer_cursor": "1-0"})
+    assert os.path.basename(path) == "step_00000001"
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_00000001"
+    assert not [p for p in os.listdir(tmp_path / "ckpt") if p.startswith(".tmp")]
+    hf = AutoModelForCausalLM.from_pretrained(os.path.join(path, "hf"))
+    _, sd = learner.publish()
+    assert all(torch.equal(v, sd[k]) for k, v in hf.state_dict().items() if k in sd)
+    assert os.path.exists(os.path.join(path, "hf", "model.safetensors"))
+    # A crash mid-save leaves only a .tmp folder, which nothing reads.
+    os.makedirs(tmp_path / "ckpt" / ".tmp-step_00000002")
+    other = make_learner(tiny_model, zero_stage=2)
+    meta = other.load_checkpoint(str(tmp_path / "ckpt"))
+    assert meta["version"] == 1 and meta["extra"] == {"buffer_cursor": "1-0"}
+    assert all(torch.equal(v, sd[k]) for k, v in other.publish()[1].items())
+    with pytest.raises(FileNotFoundError):
+        other.load_checkpoint(str(tmp_path / "nothing"))
+
+
+def _run(args, **kw):
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # set by this process's own learners
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, **kw)
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_kill_9_after_checkpoint_then_resume_is_bitwise_identical(tiny_model, tmp_path, zero):
+    worker = os.path.join(HERE, "learner_worker.py")
+    common = ["--steps", "5", "--zero", str(zero), "--checkpoint-at", "2"]
+    full = _run([sys.executable, worker, tiny_model, str(tmp_path / "full"), *common])
+    assert full.returncode == 0, full.stderr[-3000:]
+    crashed = _run([sys.executable, worker, tiny_model, str(tmp_path / "crash"), *common, "--kill-after", "3"])
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "crash" / "params_3.safetensors")
+    resumed = _run([sys.executable, worker, tiny_model, str(tmp_path / "crash"), *common, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for step in (2, 3, 4):  # the two steps after the checkpoint, and one more
+        a = load_file(str(tmp_path / "full" / f"params_{step}.safetensors"))
+        b = load_file(str(tmp_path / "crash" / f"params_{step}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"step {step} differs after resume"
+
+
+def test_two_ranks_under_torchrun_match_one_rank(tiny_model, tmp_path):
+    worker = os.path.join(HERE, "learner_worker.py")
+    args = ["--steps", "3", "--zero", "2", "--batch-groups", "4", "--micro-groups", "1"]
+    one = _run([sys.executable, worker, tiny_model, str(tmp_path / "one"), *args, "--micro-groups", "2"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631", worker, tiny_model, str(tmp_path / "two"), *args])
+    assert two.returncode == 0, two.stderr[-3000:]
+    for step in range(3):
+        a = load_file(str(tmp_path / "one" / f"params_{step}.safetensors"))
+        b = load_file(str(tmp_path / "two" / f"params_{step}.safetensors"))
+        diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        print(f"step {step}: 1 rank vs 2 ranks, max difference {diff:.2e}")
+        assert diff < 1e-6  # float tolerance: gradients all-reduced across 2 ranks vs accumulated on 1
