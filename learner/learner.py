@@ -36,7 +36,7 @@ from agro_dist.losses import get_loss, needs_token_kl  # noqa: E402
 from agro_dist.records import Group  # noqa: E402
 
 from .batching import MicroBatch, check_groups, split_micro_batches  # noqa: E402
-from .logprobs import chunked_logprobs, token_kl  # noqa: E402
+from .logprobs import chunked_logprobs, module_chunked_logprobs, token_kl  # noqa: E402
 
 log = logging.getLogger("agro_dist.learner")
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -144,6 +144,13 @@ class Learner:
                 f"batch_groups={cfg.batch_groups} must be a multiple of world_size * micro_groups = "
                 f"{self.world} * {cfg.micro_groups}: every rank gets equal, whole micro-batches"
             )
+        if cfg.zero_stage == 3 and cfg.batch_groups != self.world * cfg.micro_groups:
+            # Measured with deepspeed 0.19.8 on CPU: ZeRO 3 accumulating over several micro-batches
+            # gave a different update from ZeRO 0/2 (one micro-batch matched exactly).
+            raise ValueError(
+                "zero_stage=3 is supported with one micro-batch per step only: set micro_groups = "
+                f"batch_groups / world_size = {cfg.batch_groups // self.world} (got {cfg.micro_groups})"
+            )
         torch.manual_seed(cfg.seed)
         dtype = DTYPES[cfg.dtype]
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
@@ -157,8 +164,18 @@ class Learner:
         ds_config = self._ds_config()
         params = [p for p in model.parameters() if p.requires_grad]
         kw = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        opt = GuardedAdamW(params, clip=cfg.grad_clip, **kw) if cfg.zero_stage == 0 else torch.optim.AdamW(params, **kw)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+        if cfg.offload_optimizer:
+            # ZeRO-Offload wants DeepSpeed's CPU Adam (built on first use), so the optimizer comes
+            # from the config; DeepSpeed's overflow check guards the step (stages 1-3 only).
+            if cfg.zero_stage == 0:
+                raise ValueError("offload_optimizer needs zero_stage >= 1")
+            ds_config["optimizer"] = {"type": "AdamW", "params": {**kw, "betas": list(kw["betas"])}}
+            opt = None
+        elif cfg.zero_stage == 0:
+            opt = GuardedAdamW(params, clip=cfg.grad_clip, **kw)
+        else:
+            opt = torch.optim.AdamW(params, **kw)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=params, config=ds_config)
         if self.engine.device.type == "cuda":
             self.ref.to(self.engine.device)
         self.version = 0  # optimizer steps applied = the policy version it publishes
@@ -174,9 +191,9 @@ class Learner:
             zero["offload_optimizer"] = {"device": "cpu"}
         c = {
             "train_micro_batch_size_per_gpu": cfg.micro_groups,
+            # Every step has exactly this many micro-batches per rank; DeepSpeed applies the
+            # optimizer on the last (its unmanaged mode lost gradients under ZeRO 3: measured).
             "gradient_accumulation_steps": cfg.batch_groups // (self.world * cfg.micro_groups),
-            # The learner weights each micro-batch itself and calls step() once per batch.
-            "managed_gradient_accumulation": False,
             "zero_optimization": zero,
             # Stage 0 clips inside GuardedAdamW (which must see the pre-clip norm).
             "gradient_clipping": cfg.grad_clip if cfg.zero_stage > 0 else 0.0,
@@ -203,7 +220,13 @@ class Learner:
         h = self._hidden(model, mb)
         mask = mb.resp_mask.to(h.device)
         targets = mb.input_ids[:, 1:].to(h.device)[mask]
-        lp, ent = chunked_logprobs(h[mask], model.get_output_embeddings().weight, targets, chunk=self.cfg.logprob_chunk, entropy=entropy)
+        head = model.get_output_embeddings()
+        if self.cfg.zero_stage == 3 and model is self.module:
+            # ZeRO 3 partitions lm_head's weight outside its forward: call the module per chunk
+            # (DeepSpeed gathers the weight) under checkpointing, so the backward recomputes it.
+            lp, ent = module_chunked_logprobs(h[mask], head, targets, chunk=self.cfg.logprob_chunk, entropy=entropy)
+        else:
+            lp, ent = chunked_logprobs(h[mask], head.weight, targets, chunk=self.cfg.logprob_chunk, entropy=entropy)
         full = torch.zeros(mask.shape, dtype=lp.dtype, device=h.device).masked_scatter(mask, lp)
         return full, ent, h
 
@@ -284,8 +307,10 @@ class Learner:
                 # guard (stage 0) or DeepSpeed's overflow check (stages 1-3) then skips the step
                 # on every rank (gradients are all-reduced first), and nothing is applied.
                 loss = sum(p.sum() for p in self.module.parameters() if p.requires_grad) * float("nan")
-            self.engine.backward(loss * weight, scale_wrt_gas=False)
+            self.engine.backward(loss * weight, scale_wrt_gas=False)  # weights sum to 1 over the batch
             times["policy_s"] += time.perf_counter() - t
+            if mb is not mbs[-1]:
+                self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
             for k, v in m.items():
                 sums[k] += float(v) * weight
             ent_sum += float(ent.sum())

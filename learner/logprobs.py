@@ -89,6 +89,30 @@ def chunked_logprobs(
     return logp, (ent if entropy else None)
 
 
+def module_chunked_logprobs(
+    h: Tensor, head: torch.nn.Module, y: Tensor, *, chunk: int = 1024, entropy: bool = False
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Like ``chunked_logprobs`` but calling the output-projection module per chunk, under
+    activation checkpointing (the backward recomputes the chunk's logits). For ZeRO 3, where the
+    module's weight exists only while the module runs."""
+    from torch.utils.checkpoint import checkpoint
+
+    def one(hc, yc):
+        logits = head(hc).float()
+        return logits.gather(1, yc[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+    out, ents = [], []
+    for s in range(0, h.shape[0], chunk):
+        out.append(checkpoint(one, h[s:s + chunk], y[s:s + chunk], use_reentrant=False))
+        if entropy:
+            with torch.no_grad():
+                lg = head(h[s:s + chunk]).float()
+                p = torch.log_softmax(lg, -1)
+                ents.append(-(p.exp() * p).sum(-1))
+    empty = h.new_zeros(0, dtype=torch.float32)
+    return (torch.cat(out) if out else empty), ((torch.cat(ents) if ents else empty) if entropy else None)
+
+
 def naive_logprobs(h: Tensor, W: Tensor, y: Tensor) -> Tensor:
     """The reference: full float32 logits, log_softmax, gather (tests compare against it)."""
     return torch.log_softmax(h.float() @ W.float().T, dim=-1).gather(1, y[:, None]).squeeze(1)

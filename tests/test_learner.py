@@ -114,8 +114,8 @@ def plain_pytorch_steps(model_path, steps, *, lr=1e-2, beta=0.1, wd=0.01, clip=1
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
-@pytest.mark.parametrize("zero", [0, 2])
-def test_learner_steps_equal_a_plain_pytorch_loop(tiny_model, zero):
+@pytest.mark.parametrize("zero,micro_groups,offload", [(0, 2, False), (2, 2, False), (2, 2, True), (3, 4, False)])
+def test_learner_steps_equal_a_plain_pytorch_loop(tiny_model, zero, micro_groups, offload):
     """Two steps, ZeRO 0 and 2, against HF + full logits + torch AdamW.
 
     Tolerance: the gradients agree to ~3e-7 relative (float32: chunked vs full log-softmax,
@@ -124,7 +124,7 @@ def test_learner_steps_equal_a_plain_pytorch_loop(tiny_model, zero):
     both runs use eps = 1e-4, which bounds d(update)/d(gradient) by lr/eps = 100, and a 1e-6
     parameter tolerance is then meaningful (a real bug moves weights by ~lr = 1e-2)."""
     batches = [batch_for_step(s, 4) for s in range(2)]
-    learner = make_learner(tiny_model, zero_stage=zero, adam_eps=1e-4)
+    learner = make_learner(tiny_model, zero_stage=zero, micro_groups=micro_groups, offload_optimizer=offload, adam_eps=1e-4)
     before = {k: v.clone() for k, v in learner.publish()[1].items()}
     for b in batches:
         m = learner.train_step(b)
@@ -133,7 +133,7 @@ def test_learner_steps_equal_a_plain_pytorch_loop(tiny_model, zero):
     want = plain_pytorch_steps(tiny_model, batches)
     moved = max((want[k] - before[k]).abs().max().item() for k in want)
     diff = max((got[k] - want[k]).abs().max().item() for k in want)
-    print(f"\nZeRO {zero}: largest parameter change {moved:.3e}, largest difference from plain PyTorch {diff:.3e}")
+    print(f"\nZeRO {zero} (offload {offload}): largest parameter change {moved:.3e}, largest difference from plain PyTorch {diff:.3e}")
     assert moved > 1e-3  # the steps did something
     assert diff < 1e-6
 
@@ -214,6 +214,10 @@ def test_lr_schedule_and_config_errors(tiny_model):
         make_learner(tiny_model + "-missing")
     with pytest.raises(ValueError, match="unknown loss"):
         make_learner(tiny_model, loss="ppo")
+    with pytest.raises(ValueError, match="zero_stage=3 is supported with one micro-batch per step"):
+        make_learner(tiny_model, zero_stage=3, micro_groups=2)
+    with pytest.raises(ValueError, match="offload_optimizer needs zero_stage >= 1"):
+        make_learner(tiny_model, offload_optimizer=True)
     learner = make_learner(tiny_model)
     with pytest.raises(ValueError, match="wants this rank's 4 groups"):
         learner.train_step(batch_for_step(0, 3))
