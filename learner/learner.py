@@ -33,6 +33,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from agro_dist.losses import get_loss, needs_token_kl  # noqa: E402
+from agro_dist.models import resolve_model  # noqa: E402
 from agro_dist.records import Group  # noqa: E402
 
 from .batching import MicroBatch, check_groups, split_micro_batches  # noqa: E402
@@ -46,7 +47,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 @dataclass
 class LearnerConfig:
-    model: str  # a Hugging Face causal-LM folder
+    model: str  # a Hugging Face causal-LM folder, or "default" (SmolLM2-135M-Instruct)
     ref_model: Optional[str] = None  # default: the same folder as model
     loss: str = "agro_off"
     loss_options: Dict[str, Any] = field(default_factory=dict)
@@ -134,9 +135,8 @@ class Learner:
         lr_at(cfg, 0)  # validates the schedule name
         self.loss_fn = get_loss(cfg.loss)
         self.need_token_kl = needs_token_kl(cfg.loss, **cfg.loss_options)
-        for path in (cfg.model, cfg.ref_model or cfg.model):
-            if not os.path.isdir(path):
-                raise FileNotFoundError(f"model folder not found: {path}")
+        model_path = resolve_model(cfg.model)  # "default": the embedded SmolLM2
+        ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
         _init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if cfg.batch_groups % (self.world * cfg.micro_groups):
@@ -153,11 +153,11 @@ class Learner:
             )
         torch.manual_seed(cfg.seed)
         dtype = DTYPES[cfg.dtype]
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         model.config.use_cache = False
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model or cfg.model, dtype=dtype)
+        self.ref = AutoModelForCausalLM.from_pretrained(ref_path, dtype=dtype)
         self.ref.config.use_cache = False
         self.ref.eval().requires_grad_(False)
         self.pad_id = int(model.config.pad_token_id or 0)

@@ -12,9 +12,11 @@ def test_readme_python_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks, "README has no python example"
     for code in blocks:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr
         if "get_loss" in code:
             assert "reward_mean" in out.stdout
-        if "ReplayBuffer" in code:
+        if "ReplayBuffer(replay_prob" in code:
             assert "('fresh', 1)" in out.stdout and "('replay', 1)" in out.stdout
+        if "step_from_buffer" in code:
+            assert "'version': 1.0" in out.stdout and "step_00000001" in out.stdout
