@@ -105,13 +105,18 @@ class GuardedAdamW(torch.optim.AdamW):
 def _init_distributed() -> None:
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:  # a lone process: a world of one, on a fresh loopback port
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = str(s.getsockname()[1])
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if "RANK" in os.environ:  # torchrun, or a Ray actor that set the usual variables
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        return
+    # A lone process: a world of one on a fresh loopback port, passed explicitly rather than
+    # through os.environ, which child processes would inherit (and collide on the port).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts it; alone it selects nothing
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False,
+                               init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def lr_at(cfg: LearnerConfig, step: int) -> float:
