@@ -114,7 +114,7 @@ def plain_pytorch_steps(model_path, steps, *, lr=1e-2, beta=0.1, wd=0.01, clip=1
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
-@pytest.mark.parametrize("zero,micro_groups,offload", [(0, 2, False), (2, 2, False), (2, 2, True), (3, 4, False)])
+@pytest.mark.parametrize("zero,micro_groups,offload", [(0, 2, False), (1, 2, False), (2, 2, False), (2, 2, True), (3, 4, False)])
 def test_learner_steps_equal_a_plain_pytorch_loop(tiny_model, zero, micro_groups, offload):
     """Two steps, ZeRO 0 and 2, against HF + full logits + torch AdamW.
 
