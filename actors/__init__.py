@@ -1,0 +1,1 @@
+"""Generator actors (installed as ``agro_dist.actors``): vLLM engines that sample scored groups."""

@@ -1,0 +1,191 @@
+"""The generator: a vLLM engine that samples groups of scored completions for a task.
+
+``Generator`` draws prompts from a task, samples ``n`` completions per prompt with the current
+weights, records each sampled token's log-probability (the behaviour log-probs; vLLM's default
+``raw_logprobs``: the untempered model distribution, the same quantity the learner computes),
+scores them with the task's reward function (time-limited worker processes), and returns
+``agro_dist.records.Group``s tagged with the weights' version. ``GeneratorActor`` is the same as
+a Ray actor, optionally putting its groups straight into the replay buffer.
+
+Weights: ``update_weights(version, weights)`` swaps the engine's weights in place from a state
+dict (what the learner publishes through Ray's object store; a Ray actor call receives the
+dict, already fetched) or a folder of safetensors. The engine runs in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the new tensors go straight into vLLM's loader
+without a copy through files; an NCCL broadcast on GPU clusters would feed the same loader.
+Calls on one generator are sequential, so weights never change in the middle of a group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is imported
+
+import torch  # noqa: E402
+
+from agro_dist.models import resolve_model  # noqa: E402
+from agro_dist.records import Completion, Group  # noqa: E402
+from agro_dist.rewards import RewardScorer  # noqa: E402
+from agro_dist.tasks import Problem, format_prompt, load_task  # noqa: E402
+
+log = logging.getLogger("agro_dist.generator")
+
+
+@dataclass
+class GeneratorConfig:
+    model: str = "default"  # a HF folder, or "default" (SmolLM2-135M-Instruct)
+    task: str = "arithmetic"  # arithmetic, math, math500, gsm8k, jsonl
+    task_path: Optional[str] = None
+    task_options: Dict[str, Any] = field(default_factory=dict)
+    reward_fn: Optional[str] = None  # default: the task's ("numeric" or "math"); or "pkg.mod:fn"
+    reward_timeout_s: float = 5.0
+    n: int = 4  # completions per prompt (a group)
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 128
+    stop: List[str] = field(default_factory=list)
+    prompts_per_call: int = 8
+    seed: int = 0
+    generator_id: str = "gen-0"
+    max_model_len: int = 1024
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
+    kv_cache_gb: float = 2.0  # CPU backend: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    vllm: Dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments
+
+
+class Generator:
+    def __init__(self, cfg: Union[GeneratorConfig, Dict[str, Any]]):
+        self.cfg = cfg = cfg if isinstance(cfg, GeneratorConfig) else GeneratorConfig(**cfg)
+        self.model_path = resolve_model(cfg.model)
+        self.task = load_task(cfg.task, cfg.task_path, **cfg.task_options)
+        self.scorer = RewardScorer(cfg.reward_fn or self.task.reward_fn, timeout_s=cfg.reward_timeout_s)
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gb)))))
+        from vllm import LLM
+
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        kw = dict(model=self.model_path, dtype=dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
+                  enforce_eager=not on_gpu, gpu_memory_utilization=0.5 if not on_gpu else 0.85)
+        kw.update(cfg.vllm)
+        t = time.perf_counter()
+        self.llm = LLM(**kw)
+        self.load_s = time.perf_counter() - t
+        self.tokenizer = self.llm.get_tokenizer()
+        self.version = 0
+        self._problems = self.task.train(seed=cfg.seed)
+        self.stats = dict(groups=0, completions=0, tokens=0, generate_s=0.0, reward_s=0.0, weight_updates=0, weight_update_s=0.0)
+
+    # ------------------------------------------------------------------ sampling
+
+    def _sampling(self, *, n: int, temperature: float, max_tokens: Optional[int] = None, seed: Optional[int] = None):
+        from vllm import SamplingParams
+
+        cfg = self.cfg
+        return SamplingParams(n=n, temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0,
+                              max_tokens=max_tokens or cfg.max_tokens, stop=cfg.stop or None, logprobs=0, seed=seed)
+
+    def _generate(self, problems: List[Problem], sp) -> List[Any]:
+        prompts = [format_prompt(self.tokenizer, p, self.task.instruction) for p in problems]
+        t = time.perf_counter()
+        outs = self.llm.generate(prompts, sp, use_tqdm=False)
+        self.stats["generate_s"] += time.perf_counter() - t
+        return outs
+
+    def generate(self, num_prompts: Optional[int] = None) -> List[Group]:
+        """Groups for the next ``num_prompts`` training problems, scored and version-tagged."""
+        problems = [next(self._problems) for _ in range(num_prompts or self.cfg.prompts_per_call)]
+        outs = self._generate(problems, self._sampling(n=self.cfg.n, temperature=self.cfg.temperature))
+        groups = []
+        for prob, out in zip(problems, outs):
+            comps = []
+            t = time.perf_counter()
+            rewards = self.scorer.score([o.text for o in out.outputs], prob.answer, prob.metadata)
+            self.stats["reward_s"] += time.perf_counter() - t
+            for o, r in zip(out.outputs, rewards):
+                ids = list(o.token_ids)
+                # logprobs=0: each position's dict holds the sampled token (vLLM may add no others).
+                lps = [d[tid].logprob for d, tid in zip(o.logprobs, ids)]
+                comps.append(Completion(ids, lps, r, o.finish_reason or "unknown", o.text))
+                self.stats["tokens"] += len(ids)
+            groups.append(Group(prompt_id=prob.id, prompt=out.prompt, prompt_token_ids=list(out.prompt_token_ids),
+                                completions=comps, policy_version=self.version, generator_id=self.cfg.generator_id,
+                                metadata=dict(prob.metadata, task=self.task.name)))
+        self.stats["groups"] += len(groups)
+        self.stats["completions"] += sum(g.n for g in groups)
+        return groups
+
+    # ------------------------------------------------------------------ weights
+
+    def update_weights(self, version: int, weights: Union[Mapping[str, torch.Tensor], str]) -> float:
+        """Swap the engine's weights in place; later groups carry ``version``. Returns seconds.
+
+        ``weights``: a state dict with Hugging Face names (the learner's ``publish()``), or a
+        folder / ``.safetensors`` file."""
+        t = time.perf_counter()
+        if isinstance(weights, str):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights, "is_checkpoint_format": True})
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()), "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.version = int(version)
+        dt = time.perf_counter() - t
+        self.stats["weight_updates"] += 1
+        self.stats["weight_update_s"] += dt
+        return dt
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, size: Optional[int] = None, *, samples: int = 1, seed: int = 0) -> Dict[str, float]:
+        """Greedy and sampled accuracy on the task's held-out problems, with the current weights."""
+        problems = self.task.eval_set(size)
+        out: Dict[str, float] = {"version": float(self.version), "eval_problems": float(len(problems))}
+        for mode, sp in (("greedy", self._sampling(n=1, temperature=0.0)),
+                         ("sampled", self._sampling(n=samples, temperature=self.cfg.temperature, seed=seed))):
+            res = self._generate(problems, sp)
+            correct, total = 0.0, 0
+            for prob, r in zip(problems, res):
+                scores = self.scorer.score([o.text for o in r.outputs], prob.answer, prob.metadata)
+                correct += sum(scores)
+                total += len(scores)
+            out[f"{mode}_accuracy"] = correct / max(total, 1)
+        return out
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
+class GeneratorWorker(Generator):
+    """The Ray actor's body: a Generator that can also put its groups into the replay buffer."""
+
+    def __init__(self, cfg, *, buffer_url: Optional[str] = None, buffer_options: Optional[Dict[str, Any]] = None):
+        super().__init__(cfg)
+        self.buffer = None
+        if buffer_url:
+            from agro_dist.buffer import ReplayBuffer
+
+            self.buffer = ReplayBuffer(buffer_url, **(buffer_options or {}))
+
+    def produce(self, calls: int = 1) -> Dict[str, Any]:
+        """Generate ``calls`` batches of groups and put them into the buffer."""
+        if self.buffer is None:
+            raise RuntimeError("this generator was created without buffer_url")
+        for _ in range(calls):
+            self.buffer.put(self.generate())
+        return dict(self.stats, version=self.version, reward_timeouts=self.scorer.stats.timeouts, reward_errors=self.scorer.stats.errors)
+
+    def get_version(self) -> int:
+        return self.version
+
+
+def _ray_actor():
+    import ray
+
+    return ray.remote(GeneratorWorker)
+
+
+GeneratorActor = _ray_actor()
