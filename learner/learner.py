@@ -103,7 +103,9 @@ class GuardedAdamW(torch.optim.AdamW):
 
 
 def _init_distributed() -> None:
-    if dist.is_initialized():
+    if dist.is_initialized():  # e.g. an in-process vLLM engine made a world of one already
+        if dist.get_world_size() == 1:
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts it
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" in os.environ:  # torchrun, or a Ray actor that set the usual variables
