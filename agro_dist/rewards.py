@@ -7,7 +7,7 @@
   ``parse_expr``, which runs ``eval`` on its input, and model output must never reach ``eval``.
 - ``numeric_equal(pred, ref)``: numbers only (thousands commas stripped, ``$``, ``%`` and units
   after the number ignored), for arithmetic and GSM8K.
-- ``RewardScorer``: runs a reward function in worker processes with a per-call time limit
+- ``RewardScorer``: runs a reward function in worker subprocesses with a per-call time limit
   (SymPy can hang on adversarial input such as huge exponents): a call that raises or times out
   scores 0 and is counted; a timed-out worker is killed and replaced. Reward functions are
   named (``"math"``, ``"numeric"``) or given by import path (``"package.module:function"``,
@@ -17,9 +17,13 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
-import multiprocessing as mp
+import os
 import re
+import select
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -136,28 +140,6 @@ def resolve_reward_fn(spec: str) -> Callable[..., float]:
 # --------------------------------------------------------------------------- the scorer
 
 
-def _worker_main(conn, spec: str) -> None:
-    # We time out by killing this process; math-verify's note that its own timeout is off is noise.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    fn = resolve_reward_fn(spec)
-    while True:
-        try:
-            job = conn.recv()
-        except EOFError:
-            return
-        if job is None:
-            return
-        text, ref, meta = job
-        try:
-            value = float(fn(text, ref, meta))
-            if value != value or value in (float("inf"), float("-inf")):
-                conn.send(("error", f"reward function returned {value}"))
-            else:
-                conn.send(("ok", value))
-        except Exception as e:  # noqa: BLE001 - any failure of user code scores 0 and is counted
-            conn.send(("error", f"{type(e).__name__}: {e}"[:500]))
-
-
 @dataclass
 class ScorerStats:
     calls: int = 0
@@ -170,30 +152,33 @@ class ScorerStats:
 class RewardScorer:
     """Scores completions in worker processes, each call limited to ``timeout_s``.
 
-    The workers are started with the ``spawn`` method (safe next to inference engines that run
-    threads), once; a worker whose call times out is killed and replaced (~1 s).
+    Workers are plain subprocesses (``python -m agro_dist.reward_worker``) speaking JSON lines:
+    they start once, never import the caller's ``__main__`` (so scripts need no main guard), and a
+    worker whose call times out (or dies) is killed and replaced (~1 s).
     """
 
     def __init__(self, reward_fn: str = "math", *, timeout_s: float = 5.0, workers: int = 1):
         resolve_reward_fn(reward_fn)  # fail early, in the caller's process, on a bad name
         self.spec = reward_fn
         self.timeout_s = timeout_s
-        self.ctx = mp.get_context("spawn")
         self.stats = ScorerStats()
         self._workers = [self._start() for _ in range(max(1, workers))]
 
-    def _start(self):
-        parent, child = self.ctx.Pipe()
-        p = self.ctx.Process(target=_worker_main, args=(child, self.spec), daemon=True)
-        p.start()
-        child.close()
-        return [p, parent]
+    def _start(self) -> subprocess.Popen:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])  # user functions importable as here
+        return subprocess.Popen([sys.executable, "-m", "agro_dist.reward_worker", self.spec], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=None, text=True, bufsize=1, env=env)
 
     def _restart(self, i: int) -> None:
-        p, conn = self._workers[i]
+        p = self._workers[i]
         p.kill()
-        p.join(5)
-        conn.close()
+        p.wait(5)
+        for f in (p.stdin, p.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
         self._workers[i] = self._start()
 
     def score(self, texts: Sequence[str], reference: str, metadata: Optional[Dict[str, Any]] = None) -> List[float]:
@@ -201,46 +186,57 @@ class RewardScorer:
         out: List[float] = [0.0] * len(texts)
         pending = list(range(len(texts)))
         t0 = time.perf_counter()
+        meta = metadata or {}
         while pending:
             batch = []
             for w in range(len(self._workers)):
                 if not pending:
                     break
                 i = pending.pop(0)
-                self._workers[w][1].send((texts[i], reference, metadata or {}))
+                try:
+                    self._workers[w].stdin.write(json.dumps([texts[i], reference, meta]) + "\n")
+                    self._workers[w].stdin.flush()
+                except (BrokenPipeError, OSError):
+                    self._restart(w)
+                    self._workers[w].stdin.write(json.dumps([texts[i], reference, meta]) + "\n")
+                    self._workers[w].stdin.flush()
                 batch.append((w, i, time.monotonic() + self.timeout_s))
             for w, i, deadline in batch:
-                conn = self._workers[w][1]
+                proc = self._workers[w]
                 self.stats.calls += 1
-                if conn.poll(max(0.0, deadline - time.monotonic())):
-                    try:
-                        status, value = conn.recv()
-                    except (EOFError, OSError):
-                        status, value = "error", "reward worker died"
-                        self._restart(w)
-                    if status == "ok":
-                        out[i] = value
-                    else:
-                        self.stats.errors += 1
-                        self.stats.last_errors = (self.stats.last_errors + [str(value)])[-5:]
-                        log.warning("reward function %s raised on a completion (scored 0): %s", self.spec, value)
-                else:
+                ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+                if not ready:
                     self.stats.timeouts += 1
                     log.warning("reward function %s timed out after %.1fs (scored 0)", self.spec, self.timeout_s)
                     self._restart(w)
+                    continue
+                line = proc.stdout.readline()
+                if not line:
+                    status, value = "error", "reward worker died"
+                    self._restart(w)
+                else:
+                    status, value = json.loads(line)
+                if status == "ok":
+                    out[i] = float(value)
+                else:
+                    self.stats.errors += 1
+                    self.stats.last_errors = (self.stats.last_errors + [str(value)])[-5:]
+                    log.warning("reward function %s failed on a completion (scored 0): %s", self.spec, value)
         self.stats.seconds += time.perf_counter() - t0
         return out
 
     def close(self) -> None:
-        for p, conn in self._workers:
+        for p in self._workers:
             try:
-                conn.send(None)
-            except (OSError, BrokenPipeError):
+                p.stdin.close()
+                p.wait(2)
+            except (OSError, subprocess.TimeoutExpired):
                 pass
-            p.join(2)
-            if p.is_alive():
+            if p.poll() is None:
                 p.kill()
-            conn.close()
+                p.wait(5)
+            if p.stdout:
+                p.stdout.close()
         self._workers = []
 
     def __enter__(self) -> "RewardScorer":

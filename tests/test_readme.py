@@ -18,5 +18,7 @@ def test_readme_python_example_runs():
             assert "reward_mean" in out.stdout
         if "ReplayBuffer(replay_prob" in code:
             assert "('fresh', 1)" in out.stdout and "('replay', 1)" in out.stdout
+        if "Generator(" in code:
+            assert "greedy_accuracy" in out.stdout
         if "step_from_buffer" in code:
             assert "'version': 1.0" in out.stdout and "step_00000001" in out.stdout

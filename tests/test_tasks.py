@@ -87,3 +87,22 @@ def test_prompt_uses_the_models_chat_template():
     text = format_prompt(tok, p, task.instruction)
     assert p.question in text and "Answer with just the number." in text
     assert text.startswith("<|im_start|>") and text.rstrip().endswith("<|im_start|>assistant")
+
+
+def test_local_hugging_face_dataset_with_configurable_fields(tmp_path):
+    import datasets
+
+    from agro_dist.tasks import HFDatasetTask
+
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"q": [f"What is {i} + 1?" for i in range(30)], "a": [str(i + 1) for i in range(30)]}),
+        "test": datasets.Dataset.from_dict({"q": ["What is 9 + 9?"], "a": ["18"]}),
+    })
+    dd.save_to_disk(str(tmp_path / "ds"))
+    t = HFDatasetTask(str(tmp_path / "ds"), question_field="q", answer_field="a", reward_fn="numeric", name="mine")
+    assert len(t._train) == 30 and [p.answer for p in t.eval_set()] == ["18"]
+    assert next(t.train(seed=0)).question.startswith("What is")
+    bad = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"q": ["x"], "a": [""]})})
+    bad.save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"\[train\] row 0: field 'a' missing or empty"):
+        HFDatasetTask(str(tmp_path / "bad"), question_field="q", answer_field="a")

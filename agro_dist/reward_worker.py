@@ -1,0 +1,35 @@
+"""A reward worker process: ``python -m agro_dist.reward_worker SPEC``.
+
+Reads one JSON job per line on stdin (``[text, reference, metadata]``), writes one JSON reply per
+line on stdout (``["ok", value]`` or ``["error", message]``). Started by ``RewardScorer`` as a
+plain subprocess, so it never imports the caller's ``__main__`` (multiprocessing's spawn would),
+and killed by it when a call exceeds the time limit.
+"""
+
+import json
+import logging
+import sys
+
+
+def main() -> int:
+    # We time out by killing this process; math-verify's note that its own timeout is off is noise.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    from agro_dist.rewards import resolve_reward_fn
+
+    fn = resolve_reward_fn(sys.argv[1])
+    out = sys.stdout
+    sys.stdout = sys.stderr  # a reward function that prints must not corrupt the protocol
+    for line in sys.stdin:
+        text, ref, meta = json.loads(line)
+        try:
+            value = float(fn(text, ref, meta))
+            reply = ["ok", value] if value == value and abs(value) != float("inf") else ["error", f"reward function returned {value}"]
+        except Exception as e:  # noqa: BLE001 - any failure of user code scores 0 and is counted
+            reply = ["error", f"{type(e).__name__}: {e}"[:500]]
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
