@@ -3,7 +3,6 @@ transformers forward, weight updates, evaluation, and the Ray actor feeding the 
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from agro_dist.learner.batching import collate
-from agro_dist.learner.learner import Learner, LearnerConfig, lr_at
+from agro_dist.learner.learner import LearnerConfig, lr_at
 from agro_dist.learner.logprobs import chunked_logprobs, naive_logprobs, token_kl
 from agro_dist.losses import get_loss
 from learner_worker import batch_for_step, make_learner
