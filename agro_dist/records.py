@@ -313,8 +313,16 @@ def encode_group(g: Group) -> pa.Buffer:
 
 def batch_to_ipc(batch: pa.RecordBatch) -> pa.Buffer:
     """Serialise a one-group batch from another producer after checking its schema."""
+    return _write_ipc(canonical_batch(batch))
+
+
+def canonical_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Validate a batch's schema (fields matched by name) and return it in ``GROUP_SCHEMA``'s
+    column order and metadata, so every reader can treat all payloads alike."""
     validate_batch_schema(batch.schema)
-    return _write_ipc(batch)
+    if batch.schema.equals(GROUP_SCHEMA, check_metadata=True):
+        return batch
+    return pa.RecordBatch.from_arrays([batch.column(n) for n in GROUP_SCHEMA.names], schema=GROUP_SCHEMA)
 
 
 def _write_ipc(batch: pa.RecordBatch) -> pa.Buffer:
@@ -352,7 +360,7 @@ def _read_ipc(data) -> pa.RecordBatch:
     validate_batch_schema(reader.schema)
     if len(batches) != 1 or batches[0].num_rows != 1:
         raise RecordError("payload", f"expected exactly one group row, got {sum(b.num_rows for b in batches)}")
-    return batches[0]
+    return canonical_batch(batches[0])
 
 
 def decode_group(data) -> Group:
@@ -375,7 +383,7 @@ def decode_groups(blobs: Sequence) -> List[Union[Group, RecordError]]:
         except RecordError as e:
             out[i] = e
     if good:
-        table = pa.Table.from_batches([b.cast(GROUP_SCHEMA) if not b.schema.equals(GROUP_SCHEMA) else b for b in good])
+        table = pa.Table.from_batches(good)  # all in GROUP_SCHEMA (canonical_batch)
         merged = table.combine_chunks().to_batches()
         rows = rows_to_groups(merged[0]) if merged else []
         for i, g in zip(idx, rows):

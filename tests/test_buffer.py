@@ -282,3 +282,15 @@ def test_groups_kept_after_a_timeout_are_rechecked_for_staleness(make_buffer):
     assert [g.group_id for g in b.groups] == ["g-0-2", "g-0-3"] and b.staleness == [0, 0]
     s = buf.stats()
     assert s["stale_skipped"] == 2 and s["history_groups"] == 2 and s["fresh_pending"] == 2
+
+
+def test_a_foreign_batch_with_fields_in_another_order_round_trips(make_buffer):
+    """Validation matches fields by name, so another producer's column order is legal; it must
+    not break decoding (it once crashed sample() with a ValueError from a schema cast)."""
+    b = group_to_batch(make_group(7))
+    names = list(reversed(b.schema.names))
+    reordered = pa.RecordBatch.from_arrays([b.column(n) for n in names], names=names)
+    buf = make_buffer()
+    buf.put([make_group(6), reordered])
+    got = buf.sample(2, p=0.0, timeout_s=2)
+    assert [g.group_id for g in got.groups] == ["g-0-6", "g-0-7"] and buf.stats()["corrupt"] == 0
