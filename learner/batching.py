@@ -94,10 +94,3 @@ def collate(groups: Sequence[Group], *, pad_id: int = 0, pad_to: Optional[int] =
         group_ids=[g.group_id for g in groups],
         group_size=n,
     )
-
-
-def split_micro_batches(groups: Sequence[Group], micro_groups: int, **kw) -> List[MicroBatch]:
-    """Consecutive chunks of ``micro_groups`` whole groups (the last may be smaller)."""
-    if micro_groups < 1:
-        raise ValueError(f"micro_groups must be >= 1, got {micro_groups}")
-    return [collate(groups[s:s + micro_groups], **kw) for s in range(0, len(groups), micro_groups)]

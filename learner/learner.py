@@ -36,7 +36,7 @@ from agro_dist.losses import get_loss, needs_token_kl  # noqa: E402
 from agro_dist.models import resolve_model  # noqa: E402
 from agro_dist.records import Group  # noqa: E402
 
-from .batching import MicroBatch, check_groups, split_micro_batches  # noqa: E402
+from .batching import MicroBatch, check_groups, collate  # noqa: E402
 from .logprobs import chunked_logprobs, module_chunked_logprobs, token_kl  # noqa: E402
 
 log = logging.getLogger("agro_dist.learner")
@@ -146,6 +146,8 @@ class Learner:
         ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
         _init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if cfg.micro_groups < 1:
+            raise ValueError(f"micro_groups must be >= 1, got {cfg.micro_groups}")
         if cfg.batch_groups % (self.world * cfg.micro_groups):
             raise ValueError(
                 f"batch_groups={cfg.batch_groups} must be a multiple of world_size * micro_groups = "
@@ -283,8 +285,8 @@ class Learner:
         if len(groups) != per_rank:
             raise ValueError(f"train_step wants this rank's {per_rank} groups (batch_groups / world_size), got {len(groups)}")
         check_groups(groups)
-        mbs = split_micro_batches(groups, cfg.micro_groups, pad_id=self.pad_id, pad_multiple=cfg.pad_to_multiple_of)
         chunks = [groups[s:s + cfg.micro_groups] for s in range(0, len(groups), cfg.micro_groups)]
+        mbs = [collate(c, pad_id=self.pad_id, pad_multiple=cfg.pad_to_multiple_of) for c in chunks]
         times = collections.Counter()
         sums: Dict[str, float] = collections.defaultdict(float)
         ent_sum, ent_n, drift_sum = 0.0, 0, 0.0
@@ -377,8 +379,9 @@ class Learner:
                 sd = {k: p.detach().to("cpu", copy=True).clone() for k, p in params}
         else:
             sd = {k: p.detach().to("cpu", copy=True).clone() for k, p in params}
+        persistent = self.module.state_dict().keys()  # non-persistent buffers are not weights
         for k, b in self.module.named_buffers():
-            if k in self.module.state_dict():
+            if k in persistent:
                 sd[k] = b.detach().to("cpu", copy=True).clone()
         return self.version, sd
 
