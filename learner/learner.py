@@ -372,13 +372,24 @@ class Learner:
 
         ``clone()``, not ``detach()``: under ZeRO the parameters are views into flat buffers, and
         a view kept in Ray's object store pins (and copies) the whole buffer. Under ZeRO 3 the
-        partitions are gathered first."""
-        params = list(self.module.named_parameters())
+        partitions are gathered first. A tied weight appears under each of its names as one
+        shared tensor (``save_pretrained`` handles that; safetensors' ``save_file`` wants a clone)."""
+        # Every name of a tied weight (lm_head.weight = embed_tokens.weight): vLLM's in-place
+        # reload keeps a layer's old tensor when no weight arrives for it, which unties the
+        # output head from the embedding it was tied to (a stale lm_head, measured in the
+        # system tests as a policy/behaviour log-prob gap). One copy, shared by the names.
+        params = list(self.module.named_parameters(remove_duplicate=False))
+        unique = list({id(p): p for _, p in params}.values())
+
+        def copy_all():
+            copies = {id(p): p.detach().to("cpu", copy=True).clone() for p in unique}
+            return {k: copies[id(p)] for k, p in params}
+
         if self.cfg.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-                sd = {k: p.detach().to("cpu", copy=True).clone() for k, p in params}
+            with deepspeed.zero.GatheredParameters(unique, modifier_rank=None):
+                sd = copy_all()
         else:
-            sd = {k: p.detach().to("cpu", copy=True).clone() for k, p in params}
+            sd = copy_all()
         persistent = self.module.state_dict().keys()  # non-persistent buffers are not weights
         for k, b in self.module.named_buffers():
             if k in persistent:

@@ -68,7 +68,7 @@ def main():
         m = learner.train_step(groups[learner.rank * per:(learner.rank + 1) * per])
         if learner.rank == 0:
             _, sd = learner.publish()
-            save_file(sd, os.path.join(a.out, f"params_{step}.safetensors"))
+            save_file({k: v.clone() for k, v in sd.items()}, os.path.join(a.out, f"params_{step}.safetensors"))  # tied names share a tensor
             print(f"step {step} version {int(m['version'])} loss_pg {m['loss_pg']:.6f}", flush=True)
         if a.checkpoint_at and step + 1 == a.checkpoint_at:
             learner.save_checkpoint(ckpt, extra={"next_step": step + 1})

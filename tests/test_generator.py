@@ -75,6 +75,29 @@ def test_weight_update_changes_outputs_restoring_restores_them_and_versions_tag_
     print(f"\nweight update of the tiny model: {secs * 1e3:.0f} ms")
 
 
+def test_weights_published_by_the_learner_make_vllm_sample_exactly_the_learners_policy(gen, tiny_vllm_model):
+    """The tiny model ties lm_head to the embedding (as SmolLM2 does). A publish that named the tied
+    weight once left vLLM's output head at the initial weights after a reload: log-prob gap ~1e-2."""
+    from agro_dist.learner import Learner, LearnerConfig
+
+    learner = Learner(LearnerConfig(model=tiny_vllm_model, batch_groups=3, micro_groups=3, lr=1e-2, beta=0.05, grad_clip=0))
+    groups = gen.generate()
+    for g in groups:  # distinct rewards so the step moves every weight
+        g.completions[0].reward = 1.0
+    learner.train_step(groups)
+    version, sd = learner.publish()
+    assert "lm_head.weight" in sd and sd["lm_head.weight"] is sd["model.embed_tokens.weight"]
+    gen.update_weights(version, sd)
+    worst = 0.0
+    policy = learner.module.eval()
+    for g in gen.generate():
+        for c, ref in zip(g.completions, _hf_logprobs(policy, g)):
+            worst = max(worst, (torch.tensor(c.logprobs) - ref).abs().max().item())
+    print(f"\nvLLM after a learner update vs the learner's log-probs: max difference {worst:.2e}")
+    assert worst < 1e-4
+    gen.update_weights(0, tiny_vllm_model)  # back to the initial weights for the tests below
+
+
 def test_evaluation_reports_greedy_and_sampled_accuracy(gen):
     r = gen.evaluate(size=8, samples=2)
     assert r["eval_problems"] == 8 and r["version"] == gen.version
