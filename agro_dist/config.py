@@ -1,0 +1,352 @@
+"""The run configuration: one YAML file, command-line overrides, defaults; plain data.
+
+Keys are ``section.key`` (``learner.lr``, ``run.replay_prob``) plus the top-level ``model``.
+Precedence: command line > ``--config`` file > the defaults below. ``python -m agro_dist
+--help`` lists every key with its default and meaning (taken from ``HELP``); the README's key
+table is checked against the same list by the tests.
+
+The ``generator`` and ``learner`` sections are ``GeneratorConfig`` and ``LearnerConfig``
+themselves (minus the fields the driver sets: model, seed, generator id), so a key added there
+appears here with no second list to keep in step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+from agro_dist.actors.generator import GeneratorConfig
+from agro_dist.learner.learner import LearnerConfig
+
+
+@dataclass
+class RunConfig:
+    name: str = "agro"
+    output_dir: str = "runs"
+    seed: int = 0
+    mode: str = "sync"
+    steps: int = 40
+    max_samples: int = 0
+    max_minutes: float = 0.0
+    sync_every: int = 1
+    replay_prob: float = 0.0
+    max_staleness: Optional[int] = 2
+    max_backlog_groups: int = 0
+    eval_every: int = 10
+    eval_size: int = 0
+    eval_samples: int = 8
+    checkpoint_every: int = 0
+    resume: bool = False
+    ray_address: Optional[str] = None
+    learner_restarts: int = 2
+    step_timeout_s: float = 900.0
+    tensorboard: bool = True
+    plots: bool = True
+
+
+@dataclass
+class BufferSection:
+    redis_url: Optional[str] = None
+    redis_port: int = 0
+    appendfsync: str = "everysec"
+    history_max_groups: int = 10000
+    history_max_bytes: int = 1 << 30
+    claim_idle_s: float = 300.0
+
+
+@dataclass
+class ResourcesSection:
+    num_generators: int = 1
+    learner_ranks: int = 1
+    generator_cpus: float = 1.0
+    generator_gpus: float = 0.0
+    learner_cpus: float = 1.0
+    learner_gpus: float = 0.0
+    eval_cpus: float = 0.0
+    eval_gpus: float = 0.0
+    generator_memory_gb: float = 3.0
+    learner_memory_gb: float = 5.0
+    eval_memory_gb: float = 2.0
+    threads: int = 0
+    generator_max_restarts: int = -1
+
+
+# Driver-owned fields of the component configs: not user keys.
+_HIDDEN = {"generator": {"model", "seed", "generator_id"}, "learner": {"model", "seed"}}
+
+# The driver's defaults for the component configs where they differ from the classes' own:
+# the measured recipe for SmolLM2-135M on 1-digit addition (issue 6's feasibility run).
+_GENERATOR_DEFAULTS = dict(n=4, temperature=0.7, max_tokens=12, prompts_per_call=8, task_options={"levels": [1]})
+_LEARNER_DEFAULTS = dict(lr=1e-5, beta=0.05, batch_groups=8, micro_groups=4, grad_clip=1.0)
+
+SECTIONS = {"run": RunConfig, "generator": GeneratorConfig, "learner": LearnerConfig, "buffer": BufferSection,
+            "resources": ResourcesSection}
+
+HELP: Dict[str, str] = {
+    "model": "Hugging Face model folder for the policy, the reference and the generators; 'default' = SmolLM2-135M-Instruct (embedded)",
+    # run
+    "run.name": "run name: outputs go to output_dir/name; also names the Ray actors and the buffer",
+    "run.output_dir": "parent folder of run folders",
+    "run.seed": "seed of the learner, the generators (seed + index) and the buffer's replay draws",
+    "run.mode": "sync: generators wait for every new version, p = 0 (on-policy); async: generators run ahead, bounded by max_staleness",
+    "run.steps": "learner steps (optimizer updates) to run; 0 = no step limit",
+    "run.max_samples": "stop after this many trained completions; 0 = no limit",
+    "run.max_minutes": "stop after this many minutes of training; 0 = no limit",
+    "run.sync_every": "publish weights to the generators every k learner steps (1 in sync mode)",
+    "run.replay_prob": "p: probability that a batch slot is a replayed group from the history (async mode)",
+    "run.max_staleness": "fresh groups older than this many versions are skipped (counted); null = keep all",
+    "run.max_backlog_groups": "async: generators pause while this many fresh groups wait in the buffer; 0 = 2 x batch_groups",
+    "run.eval_every": "held-out evaluation every this many steps (and before the first and after the last); 0 = only before/after",
+    "run.eval_size": "held-out problems per evaluation; 0 = the task's whole held-out set",
+    "run.eval_samples": "samples per held-out problem for the sampled accuracy (temperature = generator.temperature)",
+    "run.checkpoint_every": "checkpoint every this many steps (and at the end); 0 = only at the end",
+    "run.resume": "resume from the run folder's latest checkpoint (learner, version, counters)",
+    "run.ray_address": "Ray cluster to join; default: RAY_ADDRESS, else start a local Ray",
+    "run.learner_restarts": "times a failed learner group is rebuilt from its latest checkpoint before the run fails",
+    "run.step_timeout_s": "a learner step (including waiting for data) longer than this fails the run",
+    "run.tensorboard": "write TensorBoard event files to the run folder",
+    "run.plots": "write training.png (reward, accuracy, KL, staleness) at the end",
+    # buffer
+    "buffer.redis_url": "use this Redis (redis://host:port/db); default: start a private one on 127.0.0.1 (never port 6379)",
+    "buffer.redis_port": "port of the private Redis; 0 = a free port",
+    "buffer.appendfsync": "private Redis durability: everysec or always",
+    "buffer.history_max_groups": "replay history capacity in groups (oldest evicted)",
+    "buffer.history_max_bytes": "replay history capacity in bytes",
+    "buffer.claim_idle_s": "groups pending this long on a dead learner are re-delivered to another",
+    # resources
+    "resources.num_generators": "G: vLLM generator actors",
+    "resources.learner_ranks": "N: DeepSpeed ranks of the learner, one Ray actor each",
+    "resources.generator_cpus": "CPUs per generator actor (Ray resource request)",
+    "resources.generator_gpus": "GPUs per generator actor",
+    "resources.learner_cpus": "CPUs per learner rank",
+    "resources.learner_gpus": "GPUs per learner rank",
+    "resources.eval_cpus": "CPUs for the eval actor (0: it shares, it runs only between steps)",
+    "resources.eval_gpus": "GPUs for the eval actor",
+    "resources.generator_memory_gb": "memory per generator actor (Ray resource request, checked before start)",
+    "resources.learner_memory_gb": "memory per learner rank",
+    "resources.eval_memory_gb": "memory for the eval actor",
+    "resources.threads": "threads per actor (OMP_NUM_THREADS); 0 = the driver node's core count (the parts take turns in sync mode)",
+    "resources.generator_max_restarts": "Ray max_restarts of generator actors (-1 = always restart)",
+    # generator
+    "generator.task": "arithmetic, math, math500, gsm8k or jsonl",
+    "generator.task_path": "data file or folder for math/math500/gsm8k/jsonl",
+    "generator.task_options": "task arguments, e.g. {levels: [1, 2]} or jsonl field names",
+    "generator.reward_fn": "reward: numeric, math, or pkg.module:function; default: the task's",
+    "generator.reward_timeout_s": "a reward call longer than this scores 0 and is counted",
+    "generator.n": "completions per prompt (a group)",
+    "generator.temperature": "sampling temperature (training and sampled evaluation)",
+    "generator.top_p": "nucleus sampling",
+    "generator.max_tokens": "maximum completion tokens",
+    "generator.stop": "stop strings",
+    "generator.prompts_per_call": "prompts per vLLM call (groups per put into the buffer)",
+    "generator.max_model_len": "vLLM context length",
+    "generator.dtype": "auto: float32 on CPU, bfloat16 on GPU",
+    "generator.kv_cache_gb": "vLLM CPU backend KV cache (GB)",
+    "generator.vllm": "extra vllm.LLM arguments, e.g. {gpu_memory_utilization: 0.5}",
+    # learner
+    "learner.ref_model": "reference model folder; default: the policy's initial weights",
+    "learner.loss": "agro_off, agro_on, rloo, kl_pg, grpo, agro_single or dpo",
+    "learner.loss_options": "loss arguments, e.g. {kl_estimator: causal}",
+    "learner.beta": "KL regularisation strength",
+    "learner.batch_groups": "groups (prompts) per optimizer step, over all ranks",
+    "learner.micro_groups": "groups per forward/backward on one rank",
+    "learner.lr": "AdamW learning rate",
+    "learner.weight_decay": "AdamW weight decay",
+    "learner.adam_betas": "AdamW betas",
+    "learner.adam_eps": "AdamW epsilon",
+    "learner.grad_clip": "gradient norm clip; 0 = off",
+    "learner.lr_schedule": "constant or cosine",
+    "learner.warmup_steps": "linear warm-up steps",
+    "learner.total_steps": "cosine schedule length",
+    "learner.min_lr_ratio": "cosine floor as a fraction of lr",
+    "learner.zero_stage": "DeepSpeed ZeRO stage 0-3",
+    "learner.offload_optimizer": "ZeRO-Offload of the optimizer to CPU",
+    "learner.dtype": "float32 or bfloat16 (GPU)",
+    "learner.logprob_chunk": "positions per chunk of vocabulary logits (memory)",
+    "learner.pad_to_multiple_of": "pad sequence lengths to a multiple of this",
+    "learner.ref_cache_groups": "reference log-probs cached for this many groups (replay needs no second pass)",
+    "learner.gradient_checkpointing": "recompute activations in backward (memory)",
+    "learner.deepspeed": "DeepSpeed config merged over the generated one",
+}
+
+
+@dataclass
+class Config:
+    model: str = "default"
+    run: RunConfig = field(default_factory=RunConfig)
+    generator: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(**_GENERATOR_DEFAULTS))
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(model="default", **_LEARNER_DEFAULTS))
+    buffer: BufferSection = field(default_factory=BufferSection)
+    resources: ResourcesSection = field(default_factory=ResourcesSection)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.run.output_dir, self.run.name)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"model": self.model}
+        for sec in SECTIONS:
+            d = dataclasses.asdict(getattr(self, sec))
+            out[sec] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k not in _HIDDEN.get(sec, ())}
+        return out
+
+    def generator_config(self, index: int) -> Dict[str, Any]:
+        d = dataclasses.asdict(self.generator)
+        d.update(model=self.model, seed=self.run.seed + index, generator_id=f"gen-{index}")
+        return d
+
+    def learner_config(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self.learner)
+        d.update(model=self.model, seed=self.run.seed)
+        return d
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def keys() -> List[Tuple[str, Any]]:
+    """Every user key with its default, in display order."""
+    d = Config().to_dict()
+    out = [("model", d["model"])]
+    for sec in SECTIONS:
+        out += [(f"{sec}.{k}", v) for k, v in d[sec].items()]
+    return out
+
+
+def _set(cfg: Config, key: str, value: Any, where: str) -> None:
+    if key == "model":
+        cfg.model = str(value)
+        return
+    sec, _, name = key.partition(".")
+    if sec not in SECTIONS or not name:
+        raise ConfigError(f"{where}: unknown key {key!r} (python -m agro_dist --help lists every key)")
+    obj = getattr(cfg, sec)
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if name not in fields or name in _HIDDEN.get(sec, ()):
+        raise ConfigError(f"{where}: unknown key {key!r} (python -m agro_dist --help lists every key)")
+    setattr(obj, name, _coerce(getattr(obj, name), value, key, where))
+
+
+def _coerce(default: Any, value: Any, key: str, where: str) -> Any:
+    """Check a value against the default's type (None defaults take anything)."""
+    if default is None or value is None:
+        return value
+    t = type(default)
+    if t in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-5 (no dot) as a string
+            value = t(value)
+        except ValueError:
+            pass
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+    elif t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif t is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif t is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    elif t in (list, dict, str) and isinstance(value, t):
+        return value
+    raise ConfigError(f"{where}: {key} must be {t.__name__} (like {default!r}), got {value!r}")
+
+
+def _flatten(d: Dict[str, Any], where: str) -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if k in SECTIONS:
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where}: section {k!r} must be a mapping, got {v!r}")
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def load(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> Config:
+    """Defaults, then the YAML file, then ``overrides`` (``{"learner.lr": 1e-5}``); validated."""
+    cfg = Config()
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        for k, v in _flatten(data, path).items():
+            _set(cfg, k, v, path)
+    for k, v in (overrides or {}).items():
+        _set(cfg, k, v, "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    r, res, lc = cfg.run, cfg.resources, cfg.learner
+    if r.mode not in ("sync", "async"):
+        raise ConfigError(f"run.mode must be sync or async, got {r.mode!r}")
+    if r.mode == "sync" and (r.replay_prob != 0.0 or r.sync_every != 1):
+        raise ConfigError("run.mode=sync is on-policy: it needs run.replay_prob=0 and run.sync_every=1 (use run.mode=async for replay)")
+    if not 0.0 <= r.replay_prob <= 1.0:
+        raise ConfigError(f"run.replay_prob must be in [0, 1], got {r.replay_prob}")
+    if r.max_staleness is not None and r.max_staleness < 0:
+        raise ConfigError(f"run.max_staleness must be >= 0 or null, got {r.max_staleness}")
+    if r.sync_every < 1:
+        raise ConfigError(f"run.sync_every must be >= 1, got {r.sync_every}")
+    if not (r.steps or r.max_samples or r.max_minutes):
+        raise ConfigError("set a budget: run.steps, run.max_samples or run.max_minutes")
+    if res.num_generators < 1 or res.learner_ranks < 1:
+        raise ConfigError("resources.num_generators and resources.learner_ranks must be >= 1")
+    if lc.batch_groups % res.learner_ranks or (lc.batch_groups // res.learner_ranks) % lc.micro_groups:
+        raise ConfigError(f"learner.batch_groups ({lc.batch_groups}) must split into resources.learner_ranks ({res.learner_ranks}) "
+                          f"x a multiple of learner.micro_groups ({lc.micro_groups})")
+    if r.mode == "sync" and lc.batch_groups % (res.num_generators * cfg.generator.prompts_per_call):
+        raise ConfigError(f"run.mode=sync: learner.batch_groups ({lc.batch_groups}) must be a multiple of resources.num_generators x "
+                          f"generator.prompts_per_call ({res.num_generators} x {cfg.generator.prompts_per_call}): "
+                          "every step trains exactly the groups generated for it")
+    if not os.environ.get("AGRO_ALLOW_REDIS_6379") and cfg.buffer.redis_port == 6379:
+        raise ConfigError("buffer.redis_port 6379 is Ray's default GCS port; pick another")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m agro_dist",
+        description="Train a language model with AGRO on Ray: vLLM generator actors -> Redis/Arrow replay buffer -> "
+                    "DeepSpeed learner, weights broadcast back. Every key below can be set in the --config YAML "
+                    "(sections run:, generator:, learner:, buffer:, resources:) or here; the command line wins. "
+                    "Values are YAML: --run.max_staleness null, --learner.adam_betas '[0.9, 0.95]'.",
+    )
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    for key, default in keys():
+        p.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar="V",
+                       help=f"{HELP.get(key, '')} (default: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()})")
+    return p
+
+
+def from_args(argv: Optional[List[str]] = None) -> Tuple[Config, argparse.Namespace]:
+    p = parser()
+    ns = p.parse_args(argv)
+    overrides = {}
+    for key, _ in keys():
+        if hasattr(ns, key):
+            raw = getattr(ns, key)
+            try:
+                overrides[key] = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                overrides[key] = raw
+    # A string-typed key given a value YAML reads as a number (run.name 2024) stays a string.
+    defaults = dict(keys())
+    for k, v in overrides.items():
+        if isinstance(defaults.get(k), str) and not isinstance(v, str) and v is not None:
+            overrides[k] = str(getattr(ns, k))
+    return load(ns.config, overrides), ns

@@ -1,0 +1,218 @@
+"""Run monitoring: Ray dashboard metrics, CSV, TensorBoard, the progress line, end-of-run plots.
+
+Every learner step and every evaluation becomes one row: ``train.csv`` / ``eval.csv`` in the
+run folder (the source of truth; the plots are drawn from them), TensorBoard scalars under
+``run_dir/tensorboard``, and ``ray.util.metrics`` gauges so the Ray dashboard's metrics view
+(and the Prometheus endpoint behind it, names prefixed ``ray_``) shows the run live.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from typing import Dict, List, Optional
+
+log = logging.getLogger("agro_dist")
+
+# Columns of train.csv, in order. Missing values are written empty.
+TRAIN_COLUMNS = [
+    "step", "version", "samples", "elapsed_s", "reward_mean", "kl", "reg_reward_mean", "loss", "entropy", "grad_norm", "lr",
+    "response_len_mean", "behaviour_drift", "staleness_mean", "staleness_max", "replay_fraction", "skipped", "buffer_backlog", "buffer_history",
+    "stale_skipped", "generated_groups", "generated_tokens_per_s", "trained_tokens_per_s", "step_s", "wait_s",
+    "weight_sync_s", "generator_restarts", "learner_restarts", "reward_timeouts",
+]
+EVAL_COLUMNS = ["step", "version", "samples", "elapsed_s", "greedy_accuracy", "sampled_accuracy", "eval_problems"]
+STALENESS_BOUNDARIES = [0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5]  # histogram buckets: 0, 1, 2, 3, 4, 5-8, 9-16, more
+
+# Gauges on the Ray dashboard: name -> (column, description).
+GAUGES = {
+    "agro_reward_mean": ("reward_mean", "mean reward of the groups in the last learner batch"),
+    "agro_kl": ("kl", "sequence KL estimate log pi/pi_ref on the last batch"),
+    "agro_loss": ("loss", "AGRO loss of the last batch"),
+    "agro_replay_fraction": ("replay_fraction", "fraction of the last batch replayed from the history"),
+    "agro_staleness_mean": ("staleness_mean", "mean staleness (versions) of the last batch's fresh groups"),
+    "agro_buffer_backlog": ("buffer_backlog", "fresh groups waiting in the replay buffer"),
+    "agro_generated_tokens_per_s": ("generated_tokens_per_s", "completion tokens generated per second (all generators)"),
+    "agro_trained_tokens_per_s": ("trained_tokens_per_s", "response tokens trained per second"),
+    "agro_weight_sync_seconds": ("weight_sync_s", "seconds to publish and load the last weights on the generators"),
+    "agro_policy_version": ("version", "learner version (optimizer steps applied)"),
+    "agro_samples": ("samples", "completions trained so far"),
+    "agro_generator_restarts": ("generator_restarts", "generator actor restarts so far"),
+}
+EVAL_GAUGES = {
+    "agro_eval_sampled_accuracy": ("sampled_accuracy", "held-out accuracy, sampled at the training temperature"),
+    "agro_eval_greedy_accuracy": ("greedy_accuracy", "held-out accuracy, greedy"),
+}
+
+
+class RunMonitor:
+    """One per driver. ``train(row)`` / ``eval(row)`` record a step / an evaluation everywhere."""
+
+    def __init__(self, run_dir: str, run_name: str, *, resume: bool = False, tensorboard: bool = True, ray_metrics: bool = True):
+        self.run_dir = run_dir
+        mode = "a" if resume else "w"
+        self._files, self._writers = {}, {}
+        for name, cols in (("train", TRAIN_COLUMNS), ("eval", EVAL_COLUMNS)):
+            path = os.path.join(run_dir, f"{name}.csv")
+            fresh = mode == "w" or not os.path.exists(path) or os.path.getsize(path) == 0
+            f = open(path, mode, newline="")
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", restval="")
+            if fresh:
+                w.writeheader()
+            self._files[name], self._writers[name] = f, w
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError as e:  # tensorboard is a dependency; a broken install should not stop training
+                log.warning("TensorBoard logging off: %s", e)
+        self.gauges: Dict[str, tuple] = {}
+        self.staleness_hist = None
+        if ray_metrics:
+            from ray.util import metrics
+
+            tags = {"run": run_name}
+            for name, (col, desc) in {**GAUGES, **EVAL_GAUGES}.items():
+                g = metrics.Gauge(name, description=desc, tag_keys=("run",))
+                g.set_default_tags(tags)
+                self.gauges[name] = (col, g)
+            self.staleness_hist = metrics.Histogram("agro_staleness", description="staleness (versions) of each trained fresh group",
+                                                    boundaries=STALENESS_BOUNDARIES, tag_keys=("run",))
+            self.staleness_hist.set_default_tags(tags)
+
+    def _record(self, kind: str, row: Dict[str, float], gauges: Dict[str, tuple]) -> None:
+        self._writers[kind].writerow({k: _fmt(v) for k, v in row.items()})
+        self._files[kind].flush()
+        step = int(row.get("step", 0))
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+            self.tb.flush()
+        for name, (col, g) in self.gauges.items():
+            if name in gauges and isinstance(row.get(col), (int, float)) and math.isfinite(row[col]):
+                g.set(float(row[col]))
+
+    def train(self, row: Dict[str, float], staleness_counts: Optional[Dict[int, int]] = None) -> None:
+        self._record("train", row, GAUGES)
+        if self.staleness_hist is not None and staleness_counts:
+            for s, c in staleness_counts.items():
+                for _ in range(int(c)):
+                    self.staleness_hist.observe(float(s))
+
+    def eval(self, row: Dict[str, float]) -> None:
+        self._record("eval", row, EVAL_GAUGES)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def read_csv(path: str) -> List[Dict[str, float]]:
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            rows.append({k: float(v) for k, v in r.items() if v not in ("", None)})
+    return rows
+
+
+def progress_line(row: Dict[str, float], *, steps: int, last_eval: Optional[Dict[str, float]], eta_s: Optional[float]) -> str:
+    def g(k, fmt="{:.3f}"):
+        v = row.get(k)
+        return "-" if v is None else fmt.format(v)
+
+    ev = "-" if not last_eval else f"{100 * last_eval['sampled_accuracy']:.1f}% (v{int(last_eval['version'])})"
+    total = f"/{steps}" if steps else ""
+    eta = "" if eta_s is None else f", ~{_dur(eta_s)} left"
+    return (f"step {int(row['step'])}{total} | v{int(row['version'])} | samples {int(row['samples'])} | reward {g('reward_mean')} | "
+            f"kl {g('kl')} | eval {ev} | stale {g('staleness_mean', '{:.2f}')} | replay {g('replay_fraction', '{:.2f}')} | "
+            f"backlog {g('buffer_backlog', '{:.0f}')} | gen {g('generated_tokens_per_s', '{:.0f}')} tok/s | "
+            f"train {g('trained_tokens_per_s', '{:.0f}')} tok/s | sync {g('weight_sync_s', '{:.2f}')}s | "
+            f"{_dur(row['elapsed_s'])}{eta}")
+
+
+def _dur(s: float) -> str:
+    s = int(s)
+    return f"{s // 60}m{s % 60:02d}s"
+
+
+def plot_run(run_dir: str, out: Optional[str] = None) -> str:
+    """``training.png``: reward and held-out accuracy vs samples and vs time, KL, reward vs KL,
+    staleness. Drawn from the run folder's CSVs (so it can be redrawn for any run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = read_csv(os.path.join(run_dir, "train.csv"))
+    ev = read_csv(os.path.join(run_dir, "eval.csv"))
+    out = out or os.path.join(run_dir, "training.png")
+    fig, ax = plt.subplots(2, 3, figsize=(15, 8))
+
+    def col(rows, k):
+        xs = [r for r in rows if k in r]
+        return xs, [r[k] for r in xs]
+
+    for j, (xk, xlabel, scale) in enumerate((("samples", "completions trained", 1.0), ("elapsed_s", "minutes", 1 / 60))):
+        a = ax[0, j]
+        rows, ys = col(tr, "reward_mean")
+        a.plot([r[xk] * scale for r in rows], ys, ".", alpha=0.35, color="C0", label="batch reward")
+        if ys:
+            w = max(1, len(ys) // 10)
+            sm = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
+            a.plot([r[xk] * scale for r in rows], sm, "-", color="C0", label=f"batch reward (mean of {w})")
+        for k, c in (("sampled_accuracy", "C1"), ("greedy_accuracy", "C2")):
+            rows_e, ye = col(ev, k)
+            a.plot([r[xk] * scale for r in rows_e], ye, "o-", color=c, label=f"held-out {k.split('_')[0]} accuracy")
+        a.set_xlabel(xlabel)
+        a.set_ylim(-0.02, 1.02)
+        a.set_title(f"reward and held-out accuracy vs {xlabel}")
+        a.legend(fontsize=8)
+    a = ax[0, 2]
+    rows, ys = col(tr, "kl")
+    a.plot([r["step"] for r in rows], ys, "-", color="C3")
+    a.set_xlabel("learner step")
+    a.set_title("KL estimate (log pi/pi_ref per sequence)")
+    a = ax[1, 0]
+    rows, ys = col(tr, "kl")
+    a.scatter(ys, [r.get("reward_mean", float("nan")) for r in rows], c=[r["step"] for r in rows], cmap="viridis", s=12)
+    a.set_xlabel("KL estimate")
+    a.set_ylabel("batch reward")
+    a.set_title("reward vs KL (colour: step)")
+    a = ax[1, 1]
+    for k, c in (("staleness_mean", "C4"), ("staleness_max", "C5")):
+        rows, ys = col(tr, k)
+        a.plot([r["step"] for r in rows], ys, "-", color=c, label=k)
+    rows, ys = col(tr, "replay_fraction")
+    a.plot([r["step"] for r in rows], ys, "--", color="C6", label="replay fraction")
+    a.set_xlabel("learner step")
+    a.set_title("staleness (versions) and replay fraction")
+    a.legend(fontsize=8)
+    a = ax[1, 2]
+    for k, c in (("generated_tokens_per_s", "C7"), ("trained_tokens_per_s", "C8")):
+        rows, ys = col(tr, k)
+        a.plot([r["step"] for r in rows], ys, "-", color=c, label=k.replace("_", " "))
+    a.set_xlabel("learner step")
+    a.set_title("throughput (tokens/s)")
+    a.legend(fontsize=8)
+    for a in ax.flat:
+        a.grid(alpha=0.3)
+    fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
