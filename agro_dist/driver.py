@@ -270,8 +270,8 @@ class Driver:
             raise StartupError(f"{what} actor failed to start: {_first_line(e)}") from None
 
     def _restore(self) -> Dict[str, Any]:
-        path = os.path.join(self.ckpt_dir, "latest")
-        metas = ray.get([a.load_checkpoint.remote(path) for a in self.learners])
+        # The checkpoint root: the learner reads ``latest`` (the newest complete checkpoint's name).
+        metas = ray.get([a.load_checkpoint.remote(self.ckpt_dir) for a in self.learners])
         extra = metas[0].get("extra") or {}
         self.step = int(extra.get("step", metas[0]["version"]))
         self.samples = int(extra.get("samples", 0))
@@ -344,9 +344,8 @@ class Driver:
 
             remove_placement_group(self._pg)
         self._start_learner()
-        path = os.path.join(self.ckpt_dir, "latest")
-        if os.path.exists(path):
-            metas = ray.get([a.load_checkpoint.remote(path) for a in self.learners])
+        if os.path.exists(os.path.join(self.ckpt_dir, "latest")):
+            metas = ray.get([a.load_checkpoint.remote(self.ckpt_dir) for a in self.learners])
             extra = metas[0].get("extra") or {}
             self.step, self.samples = int(extra.get("step", 0)), int(extra.get("samples", 0))
         else:
@@ -447,76 +446,70 @@ class Driver:
         pending_eval = None
         per_step = cfg.learner.batch_groups
         n_completions = per_step * cfg.generator.n
-        G = len(self.generators)
         max_backlog = r.max_backlog_groups or 2 * per_step
         gen_refs: Dict[Any, int] = {}  # in-flight produce call -> generator index
         if r.mode == "async":
             for i, g in enumerate(self.generators):
                 gen_refs[g.produce.remote(1)] = i
         errors = _ray_errors()
-        while not self._done(elapsed()):
-            sync_s = 0.0
-            if r.mode == "sync":
-                # This step's groups, all with the current version (staleness 0).
-                refs = {g.produce.remote(per_step // (G * cfg.generator.prompts_per_call)): i for i, g in enumerate(self.generators)}
-                while refs:
-                    for ref, i in list(refs.items()):
-                        del refs[ref]
-                        try:
-                            self._gen_result(i, ray.get(ref))
-                        except errors as e:
-                            self._gen_failed(i, e)
-                    # A generator that died mid-call put some of its groups (or none): top up,
-                    # one call at a time, until the step's batch is complete.
-                    missing = per_step - self.buffer.stats()["fresh_backlog"]
-                    if missing > 0:
-                        refs = {g.produce.remote(1): i for i, g in enumerate(self.generators)
-                                if i < -(-missing // cfg.generator.prompts_per_call)}
-                step_refs = self._learner_step(0.0)
-            else:
-                step_refs = self._learner_step(None)
-            # Async: keep generators busy while the learner trains.
-            while True:
-                waiting = list(gen_refs) + step_refs
-                ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
-                if set(step_refs) & set(ready) and all(ray.wait([x], timeout=0)[0] for x in step_refs):
-                    break
-                for ref in ready:
-                    if ref in gen_refs:
-                        i = gen_refs.pop(ref)
-                        try:
-                            self._gen_result(i, ray.get(ref))
-                        except errors as e:
-                            self._gen_failed(i, e)
-                if r.mode == "async":
-                    self._refill(gen_refs, max_backlog)
-            try:
-                m = self._collect_step(step_refs)
-                if m.get("skipped"):
-                    log.warning("step skipped by the learner (non-finite loss or gradients); not counted")
+        # Until the budget is spent and the final weights are published and checkpointed (the
+        # learner can die doing that too: then it is rebuilt and training goes on).
+        while True:
+            while not self._done(elapsed()):
+                sync_s = 0.0
+                if r.mode == "sync":
+                    self._produce_step(per_step)  # this step's groups, all with the current version
+                    step_refs = self._learner_step(0.0)
                 else:
-                    self.step += 1
-                    self.samples += n_completions
-                if r.mode == "sync" or self.step % r.sync_every == 0:
-                    sync_s = self._broadcast(wait=r.mode == "sync")
-            except errors as e:  # a learner rank died: rebuild from the checkpoint, redo the step
-                self._recover_learner(e)
-                continue
-            row = self._row(m, elapsed(), sync_s)
-            self.monitor.train(row, self._new_stale)
-            if pending_eval is not None and self._eval_collect(pending_eval, elapsed(), wait=False) is not None:
-                pending_eval = None
-            if r.eval_every and self.step % r.eval_every == 0 and pending_eval is None and not self._done(elapsed()):
-                pending_eval = self._eval_submit()
-            if r.checkpoint_every and self.step % r.checkpoint_every == 0:
+                    step_refs = self._learner_step(None)
+                # Async: keep generators busy while the learner trains.
+                while True:
+                    waiting = list(gen_refs) + step_refs
+                    ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
+                    if set(step_refs) & set(ready) and all(ray.wait([x], timeout=0)[0] for x in step_refs):
+                        break
+                    for ref in ready:
+                        if ref in gen_refs:
+                            i = gen_refs.pop(ref)
+                            try:
+                                self._gen_result(i, ray.get(ref))
+                            except errors as e:
+                                self._gen_failed(i, e)
+                    if r.mode == "async":
+                        self._refill(gen_refs, max_backlog)
+                # The learner can die anywhere in here (its step, publishing, checkpointing): rebuild it
+                # from the latest checkpoint and go on from that step.
+                try:
+                    m = self._collect_step(step_refs)
+                    if m.get("skipped"):
+                        log.warning("step skipped by the learner (non-finite loss or gradients); not counted")
+                    else:
+                        self.step += 1
+                        self.samples += n_completions
+                    if r.mode == "sync" or self.step % r.sync_every == 0:
+                        sync_s = self._broadcast(wait=r.mode == "sync")
+                    row = self._row(m, elapsed(), sync_s)
+                    self.monitor.train(row, self._new_stale)
+                    if r.checkpoint_every and self.step % r.checkpoint_every == 0:
+                        self._checkpoint(elapsed())
+                except errors as e:
+                    self._recover_learner(e)
+                    continue
+                if pending_eval is not None and self._eval_collect(pending_eval, elapsed(), wait=False) is not None:
+                    pending_eval = None
+                if r.eval_every and self.step % r.eval_every == 0 and pending_eval is None and not self._done(elapsed()):
+                    pending_eval = self._eval_submit()
+                log.info(progress_line(row, steps=r.steps, last_eval=self.evals[-1] if self.evals else None, eta_s=self._eta(elapsed())))
+            try:
+                if not self.latest or self.latest[0] != int(ray.get(self.learners[0].version.remote())):
+                    self._publish()
                 self._checkpoint(elapsed())
-            log.info(progress_line(row, steps=r.steps, last_eval=self.evals[-1] if self.evals else None, eta_s=self._eta(elapsed())))
+                break
+            except errors as e:
+                self._recover_learner(e)
         if pending_eval is not None:
             self._eval_collect(pending_eval, elapsed(), wait=True)
-        if not self.latest or self.latest[0] != int(ray.get(self.learners[0].version.remote())):
-            self._publish()
         after = self._eval_collect(self._eval_submit(), elapsed(), wait=True)
-        self._checkpoint(elapsed())
         for ref in gen_refs:  # let in-flight generation finish: its groups are in the buffer for a resumed run
             try:
                 ray.get(ref, timeout=120)
@@ -524,6 +517,23 @@ class Driver:
                 pass
         return dict(before=before, after=after, elapsed_s=elapsed(), steps=self.step, samples=self.samples,
                     buffer=self.buffer.stats())
+
+    def _produce_step(self, per_step: int) -> None:
+        """Sync mode: the generators make exactly one step's groups with the current weights."""
+        ppc, G = self.cfg.generator.prompts_per_call, len(self.generators)
+        refs = {g.produce.remote(per_step // (G * ppc)): i for i, g in enumerate(self.generators)}
+        while refs:
+            for ref, i in list(refs.items()):
+                del refs[ref]
+                try:
+                    self._gen_result(i, ray.get(ref))
+                except _ray_errors() as e:
+                    self._gen_failed(i, e)
+            # A generator that died mid-call put some of its groups (or none): top up, one call
+            # per generator at a time, until the step's batch is complete.
+            missing = per_step - self.buffer.stats()["fresh_backlog"]
+            if missing > 0:
+                refs = {g.produce.remote(1): i for i, g in enumerate(self.generators) if i < -(-missing // ppc)}
 
     def _refill(self, gen_refs: Dict[Any, int], max_backlog: int) -> None:
         busy = set(gen_refs.values())
