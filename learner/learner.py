@@ -107,6 +107,14 @@ def _init_distributed() -> None:
         if dist.get_world_size() == 1:
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts it
         return
+    # A world that someone else destroyed (an in-process vLLM engine shutting down destroys the
+    # one it made) leaves DeepSpeed's cached groups pointing at it: "Group ... is not registered"
+    # when the next engine is built. Drop those references before making a new world.
+    from deepspeed.utils import groups as ds_groups
+
+    release = getattr(ds_groups, "_release_process_group_references", None)
+    if release is not None:
+        release(None)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" in os.environ:  # torchrun, or a Ray actor that set the usual variables
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
