@@ -216,28 +216,28 @@ def test_killing_a_generator_mid_run_loses_no_group_and_training_goes_on(head, t
 
 def test_killing_the_learner_resumes_it_from_its_last_checkpoint(head, tiny_vllm_model, tmp_path):
     run_dir = tmp_path / "lkill"
-    args = _args(tiny_vllm_model, tmp_path, "lkill", "--run.mode", "async", "--run.steps", "8", "--run.checkpoint_every", "3",
+    args = _args(tiny_vllm_model, tmp_path, "lkill", "--run.mode", "async", "--run.steps", "10", "--run.checkpoint_every", "3",
                  "--run.max_staleness", "null", "--run.eval_every", "0")
     rc, out = _train_and_kill(head, args, run_dir, "lkill-learner-0", after_rows=4)
     assert rc == 0, out[-4000:]
     assert "learner failed" in out and "rebuilding it from the latest checkpoint" in out
-    steps = [int(r["step"]) for r in _rows(run_dir / "train.csv")]
-    # Steps count up to the failure, restart after the last checkpoint (a multiple of 3, at least
-    # step 3), and go on to the budget: [1 .. f, c+1 .. 8] with 3 <= c <= f.
-    back = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
-    assert len(back) == 1, steps
-    f, c = steps[back[0] - 1], steps[back[0]] - 1
-    assert steps == list(range(1, f + 1)) + list(range(c + 1, 9)) and c % 3 == 0 and 3 <= c <= f, steps
-    assert int(_rows(run_dir / "train.csv")[-1]["learner_restarts"]) == 1
-    assert json.load(open(run_dir / "summary.json"))["steps"] == 8
-    assert open(run_dir / "checkpoints" / "latest").read().strip() == "step_00000008"
+    rows = _rows(run_dir / "train.csv")
+    steps = [int(r["step"]) for r in rows]
+    # Steps count up to the failure (f), then go on after the last checkpoint (c, a multiple of 3,
+    # at least 3; c = f when the learner died right after checkpointing) to the budget.
+    k = next(i for i, r in enumerate(rows) if int(r["learner_restarts"]) == 1)  # first row after the rebuild
+    f, c = steps[k - 1], steps[k] - 1
+    assert steps == list(range(1, f + 1)) + list(range(c + 1, 11)) and c % 3 == 0 and 3 <= c <= f, steps
+    assert all(int(r["learner_restarts"]) == 1 for r in rows[k:])
+    assert json.load(open(run_dir / "summary.json"))["steps"] == 10
+    assert open(run_dir / "checkpoints" / "latest").read().strip() == "step_00000010"
     _nothing_lost(run_dir)
     # A stopped run goes on from its folder: checkpoint, counters, the private Redis's AOF.
-    p = _train(head, [*args, "--run.resume", "true", "--run.steps", "10"])
-    assert p.returncode == 0 and "resumed at step 8 (version 8, 64 samples)" in p.stdout, p.stdout[-4000:] + p.stderr[-2000:]
-    assert [int(r["step"]) for r in _rows(run_dir / "train.csv")][-3:] == [8, 9, 10]
-    assert [int(r["version"]) for r in _rows(run_dir / "eval.csv")][-2:] == [8, 10]  # before and after of the resumed session
-    assert json.load(open(run_dir / "summary.json"))["steps"] == 10
+    p = _train(head, [*args, "--run.resume", "true", "--run.steps", "12"])
+    assert p.returncode == 0 and "resumed at step 10 (version 10, 80 samples)" in p.stdout, p.stdout[-4000:] + p.stderr[-2000:]
+    assert [int(r["step"]) for r in _rows(run_dir / "train.csv")][-3:] == [10, 11, 12]
+    assert [int(r["version"]) for r in _rows(run_dir / "eval.csv")][-2:] == [10, 12]  # before and after of the resumed session
+    assert json.load(open(run_dir / "summary.json"))["steps"] == 12
     _nothing_lost(run_dir)
 
 
