@@ -32,7 +32,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import ray
 import yaml
@@ -269,15 +269,21 @@ class Driver:
         except Exception as e:
             raise StartupError(f"{what} actor failed to start: {_first_line(e)}") from None
 
-    def _restore(self) -> Dict[str, Any]:
-        # The checkpoint root: the learner reads ``latest`` (the newest complete checkpoint's name).
-        metas = ray.get([a.load_checkpoint.remote(self.ckpt_dir) for a in self.learners])
-        extra = metas[0].get("extra") or {}
-        self.step = int(extra.get("step", metas[0]["version"]))
-        self.samples = int(extra.get("samples", 0))
-        self.elapsed_before = float(extra.get("elapsed_s", 0.0))
-        self._publish()
-        return metas[0]
+    def _restore(self) -> Optional[Dict[str, Any]]:
+        """Learner ranks from the latest checkpoint, counters from its meta (the initial weights and
+        zero counters when there is none yet: returns None); then every generator gets these
+        weights, so the groups they make from now on carry the restored version."""
+        meta = None
+        if os.path.exists(os.path.join(self.ckpt_dir, "latest")):
+            # The checkpoint root: the learner reads ``latest`` (the newest complete checkpoint's name).
+            meta = ray.get([a.load_checkpoint.remote(self.ckpt_dir) for a in self.learners])[0]
+            extra = meta.get("extra") or {}
+            self.step, self.samples = int(extra.get("step", meta["version"])), int(extra.get("samples", 0))
+            self.elapsed_before = float(extra.get("elapsed_s", 0.0))
+        else:
+            self.step, self.samples = 0, 0
+        self._broadcast(wait=True)
+        return meta
 
     # ------------------------------------------------------------------ helpers
 
@@ -285,13 +291,10 @@ class Driver:
     def version(self) -> int:
         return self.latest[0] if self.latest else 0
 
-    def _publish(self) -> float:
-        """Learner rank 0 puts version v in the object store; every generator loads it. Returns
-        the seconds until the last generator has it (sync mode) or until it is sent (async)."""
-        t = time.perf_counter()
+    def _publish(self) -> None:
+        """Learner rank 0 puts its weights (version v) in the object store; ``self.latest`` holds the reference."""
         version, ref, _ = ray.get(self.learners[0].publish.remote())
         self.latest = (version, ref)
-        return time.perf_counter() - t
 
     def _broadcast(self, *, wait: bool) -> float:
         """Publish the learner's weights and send them to every generator (they load them
@@ -344,15 +347,8 @@ class Driver:
 
             remove_placement_group(self._pg)
         self._start_learner()
-        if os.path.exists(os.path.join(self.ckpt_dir, "latest")):
-            metas = ray.get([a.load_checkpoint.remote(self.ckpt_dir) for a in self.learners])
-            extra = metas[0].get("extra") or {}
-            self.step, self.samples = int(extra.get("step", 0)), int(extra.get("samples", 0))
-        else:
-            log.warning("no checkpoint yet: the learner restarts from the initial weights")
-            self.step, self.samples = 0, 0
-        self._publish()
-        ray.get([self._send_weights(g) for g in self.generators])
+        if self._restore() is None:
+            log.warning("no checkpoint yet: the learner restarted from the initial weights")
 
     def _checkpoint(self, elapsed: float) -> None:
         extra = dict(step=self.step, samples=self.samples, elapsed_s=elapsed)
@@ -393,7 +389,8 @@ class Driver:
                     i, _first_line(err), self.version, self.gen_restarts)
         self._send_weights(self.generators[i])
 
-    def _row(self, m: Dict[str, float], elapsed: float, sync_s: float) -> Dict[str, float]:
+    def _row(self, m: Dict[str, float], elapsed: float, sync_s: float) -> Tuple[Dict[str, float], Dict[int, int]]:
+        """The step's train.csv row, and the groups trained since the last row by staleness."""
         s = self.buffer.stats()
         # Generation speed while generating (tokens / engine seconds, summed over generators, as
         # the learner's trained tokens/s is per second of its step).
@@ -404,8 +401,7 @@ class Driver:
         hist = s["staleness_hist"]
         new_stale = {k: v - self._stale_seen.get(k, 0) for k, v in hist.items() if v - self._stale_seen.get(k, 0) > 0}
         self._stale_seen = dict(hist)
-        self._new_stale = new_stale
-        return dict(
+        row = dict(
             step=self.step, version=int(m["version"]), samples=self.samples, elapsed_s=elapsed,
             reward_mean=m.get("reward_mean"), kl=m.get("log_ratio_mean"), reg_reward_mean=m.get("reg_reward_mean"),
             loss=m.get("loss", m.get("consistency_loss")), entropy=m.get("entropy"), grad_norm=m.get("grad_norm"), lr=m.get("lr"),
@@ -416,6 +412,7 @@ class Driver:
             step_s=m.get("step_s"), wait_s=m.get("wait_s"), weight_sync_s=sync_s, generator_restarts=self.gen_restarts,
             learner_restarts=self.learner_restarts, reward_timeouts=sum(self._reward_timeouts.values()),
         )
+        return row, new_stale
 
     def _done(self, elapsed: float) -> bool:
         r = self.cfg.run
@@ -488,8 +485,8 @@ class Driver:
                         self.samples += n_completions
                     if r.mode == "sync" or self.step % r.sync_every == 0:
                         sync_s = self._broadcast(wait=r.mode == "sync")
-                    row = self._row(m, elapsed(), sync_s)
-                    self.monitor.train(row, self._new_stale)
+                    row, new_stale = self._row(m, elapsed(), sync_s)
+                    self.monitor.train(row, new_stale)
                     if r.checkpoint_every and self.step % r.checkpoint_every == 0:
                         self._checkpoint(elapsed())
                 except errors as e:
@@ -568,12 +565,9 @@ class Driver:
 @ray.remote
 def _rendezvous():
     """(IP, free port) of the node this runs on: where learner rank 0's rendezvous listens."""
-    import socket
+    from agro_dist.buffer.server import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        port = sock.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
+    return ray.util.get_node_ip_address(), free_port("")
 
 
 def _latest_hf(ckpt_dir: str) -> str:

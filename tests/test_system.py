@@ -16,7 +16,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,15 +25,11 @@ import urllib.request
 import pytest
 from safetensors.torch import load_file
 
+from agro_dist.buffer.server import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict:
@@ -51,7 +46,7 @@ def head(tmp_path_factory):
 
     ``--block`` keeps it in the foreground in its own session, so the teardown stops this head
     and nothing else (``ray stop`` would stop every Ray on the machine)."""
-    gcs, dash, metrics = _port(), _port(), _port()
+    gcs, dash, metrics = free_port(), free_port(), free_port()
     tmp = tmp_path_factory.mktemp("ray")
     # Ray 2.60: once ~/.ray/auth_token exists (the first local ray.init() writes it), heads require
     # a token and CLI clients must send it. This head has its own, passed to every client by env,
@@ -235,7 +230,11 @@ def test_killing_the_learner_resumes_it_from_its_last_checkpoint(head, tiny_vllm
     # A stopped run goes on from its folder: checkpoint, counters, the private Redis's AOF.
     p = _train(head, [*args, "--run.resume", "true", "--run.steps", "12"])
     assert p.returncode == 0 and "resumed at step 10 (version 10, 80 samples)" in p.stdout, p.stdout[-4000:] + p.stderr[-2000:]
+    resumed = _rows(run_dir / "train.csv")[-2:]
     assert [int(r["step"]) for r in _rows(run_dir / "train.csv")][-3:] == [10, 11, 12]
+    # The generators of the resumed session load the checkpoint's weights (version 10) before they
+    # generate: groups labelled with the initial version 0 would be 10 or more versions stale.
+    assert all(float(r["staleness_max"]) < 10 for r in resumed), resumed
     assert [int(r["version"]) for r in _rows(run_dir / "eval.csv")][-2:] == [10, 12]  # before and after of the resumed session
     assert json.load(open(run_dir / "summary.json"))["steps"] == 12
     _nothing_lost(run_dir)
@@ -244,7 +243,7 @@ def test_killing_the_learner_resumes_it_from_its_last_checkpoint(head, tiny_vllm
 def test_parts_that_cannot_start_exit_non_zero_with_a_clear_message(head, tiny_vllm_model, tmp_path):
     p = _train(head, _args(str(tmp_path / "no-such-model"), tmp_path, "m", "--run.steps", "1"), timeout=120)
     assert p.returncode == 3 and "model" in p.stdout and "no-such-model" in p.stdout, p.stdout[-2000:]
-    p = _train(head, _args(tiny_vllm_model, tmp_path, "r", "--run.steps", "1", "--buffer.redis_url", f"redis://127.0.0.1:{_port()}/0"),
+    p = _train(head, _args(tiny_vllm_model, tmp_path, "r", "--run.steps", "1", "--buffer.redis_url", f"redis://127.0.0.1:{free_port()}/0"),
                timeout=120)
     assert p.returncode == 3 and "Redis unreachable at redis://127.0.0.1:" in p.stdout, p.stdout[-2000:]
     p = _train(head, _args(tiny_vllm_model, tmp_path, "c", "--run.steps", "1", "--run.mode", "async", "--resources.num_generators", "4"), timeout=120)
