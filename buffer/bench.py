@@ -23,10 +23,10 @@ import statistics
 import time
 
 import numpy as np
-import redis
 
 from agro_dist.records import Completion, Group, decode_groups, encode_group, encode_groups
 
+from .client import connect
 from .replay import CONSUMER_GROUP, ReplayBuffer
 from .server import RedisServer
 
@@ -83,7 +83,7 @@ def _ours(url, name, groups, batch):
 
 def _raw(url, name, blobs, batch):
     """The same bytes through the same stream and consumer-group commands, nothing else."""
-    r = redis.Redis.from_url(url)
+    r = connect(url)  # the same client the buffer uses
     key = f"{{{name}}}:raw"
     r.delete(key)
     r.xgroup_create(key, CONSUMER_GROUP, id="0", mkstream=True)

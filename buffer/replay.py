@@ -40,6 +40,7 @@ import redis
 
 from agro_dist.records import Group, RecordError, batch_to_ipc, decode_groups, encode_groups, rows_to_groups
 
+from .client import connect
 from .server import RedisServer
 
 log = logging.getLogger("agro_dist.buffer")
@@ -192,7 +193,8 @@ class ReplayBuffer:
             self.server = RedisServer(run_dir, **(server_kwargs or {})).start()
             redis_url = self.server.unix_url or self.server.url
         self.url = redis_url
-        self.r = redis.Redis.from_url(redis_url, **(redis_kwargs or {}))
+        # Reads wait as long as each command may block (XREADGROUP BLOCK) plus a bounded margin.
+        self.r = connect(redis_url, **(redis_kwargs or {}))
         tag = "{" + cfg.name + "}"
         self.k_stream, self.k_hz, self.k_hsize = f"{tag}:groups", f"{tag}:hist:z", f"{tag}:hist:size"
         self.k_stats, self.k_dead = f"{tag}:stats", f"{tag}:dead"
@@ -387,8 +389,8 @@ class ReplayBuffer:
         for it in items:
             if it.source == "fresh":
                 self._inflight[it.entry_id] = it.nbytes
-            if it.staleness is not None:
-                counts[f"stale:{it.staleness}"] += 1
+            if it.staleness is not None:  # fresh groups' staleness and replayed groups' age, kept apart
+                counts[f"{'stale' if it.source == 'fresh' else 'age'}:{it.staleness}"] += 1
         counts["served_fresh"] += len(fresh)
         counts["served_replay"] += len(items) - len(fresh)
         return SampleBatch(items, waited_s=time.monotonic() - t0)
@@ -534,6 +536,7 @@ class ReplayBuffer:
         raw, xlen, pending, hist, dead = self._run(build)[-5:]
         c = {k.decode(): int(v) for k, v in raw.items()}
         staleness = {int(k[6:]): v for k, v in c.items() if k.startswith("stale:")}
+        ages = {int(k[4:]): v for k, v in c.items() if k.startswith("age:")}
         served_f, served_r = c.get("served_fresh", 0), c.get("served_replay", 0)
         out: Dict[str, object] = {
             # The stream holds fresh entries (new or pending) and the history's payloads.
@@ -543,7 +546,8 @@ class ReplayBuffer:
             "history_groups": hist,
             "history_bytes": c.get("history_bytes", 0),
             "replay_fraction_served": served_r / max(served_f + served_r, 1),
-            "staleness_hist": dict(sorted(staleness.items())),
+            "staleness_hist": dict(sorted(staleness.items())),  # fresh groups served, by versions behind
+            "replay_age_hist": dict(sorted(ages.items())),  # replayed groups served, by versions behind
             "dead_letters": dead,
         }
         for k in ("put_groups", "put_bytes", "served_fresh", "served_replay", "acked", "rejected", "corrupt",

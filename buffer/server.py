@@ -129,7 +129,9 @@ class RedisServer:
         return f"unix://{self.unix_socket}?{auth}db=0"
 
     def client(self, **kw) -> redis.Redis:
-        return redis.Redis.from_url(self.unix_url or self.url, **kw)
+        from .client import connect
+
+        return connect(self.unix_url or self.url, **kw)
 
     def _probe(self, timeout_s: float) -> redis.Redis:
         # No client-side retries: redis-py's default backoff would spend seconds knocking on
