@@ -171,6 +171,7 @@ HELP: Dict[str, str] = {
     "learner.pad_to_multiple_of": "pad sequence lengths to a multiple of this",
     "learner.ref_cache_groups": "reference log-probs cached for this many groups (replay needs no second pass)",
     "learner.gradient_checkpointing": "recompute activations in backward (memory)",
+    "learner.exact_kl": "report kl = exact KL(pi, pi_ref) over the vocabulary at each response position (right off-policy too); costs a reference pass for replayed groups",
     "learner.deepspeed": "DeepSpeed config merged over the generated one",
 }
 

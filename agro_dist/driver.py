@@ -403,10 +403,12 @@ class Driver:
         self._stale_seen = dict(hist)
         row = dict(
             step=self.step, version=int(m["version"]), samples=self.samples, elapsed_s=elapsed,
-            reward_mean=m.get("reward_mean"), kl=m.get("log_ratio_mean"), reg_reward_mean=m.get("reg_reward_mean"),
+            reward_mean=m.get("reward_mean"), kl=m.get("kl"), log_ratio=m.get("log_ratio"), reg_reward_mean=m.get("reg_reward_mean"),
             loss=m.get("loss", m.get("consistency_loss")), entropy=m.get("entropy"), grad_norm=m.get("grad_norm"), lr=m.get("lr"),
-            response_len_mean=m.get("response_len_mean"), behaviour_drift=m.get("policy_minus_behaviour_logp"), staleness_mean=m.get("staleness_mean"),
-            staleness_max=m.get("staleness_max"), replay_fraction=m.get("replay_fraction", 0.0), skipped=m.get("skipped"),
+            response_len_mean=m.get("response_len_mean"), behaviour_drift=m.get("policy_minus_behaviour_logp"),
+            fresh_staleness_mean=m.get("fresh_staleness_mean"), fresh_staleness_max=m.get("fresh_staleness_max"),
+            replay_age_mean=m.get("replay_age_mean"), replay_age_max=m.get("replay_age_max"),
+            replay_fraction=m.get("replay_fraction", 0.0), skipped=m.get("skipped"),
             buffer_backlog=s["fresh_backlog"], buffer_history=s["history_groups"], stale_skipped=s["stale_skipped"],
             generated_groups=s["put_groups"], generated_tokens_per_s=rate, trained_tokens_per_s=m.get("tokens_per_s"),
             step_s=m.get("step_s"), wait_s=m.get("wait_s"), weight_sync_s=sync_s, generator_restarts=self.gen_restarts,

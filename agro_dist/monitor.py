@@ -18,8 +18,9 @@ log = logging.getLogger("agro_dist")
 
 # Columns of train.csv, in order. Missing values are written empty.
 TRAIN_COLUMNS = [
-    "step", "version", "samples", "elapsed_s", "reward_mean", "kl", "reg_reward_mean", "loss", "entropy", "grad_norm", "lr",
-    "response_len_mean", "behaviour_drift", "staleness_mean", "staleness_max", "replay_fraction", "skipped", "buffer_backlog", "buffer_history",
+    "step", "version", "samples", "elapsed_s", "reward_mean", "kl", "log_ratio", "reg_reward_mean", "loss", "entropy", "grad_norm", "lr",
+    "response_len_mean", "behaviour_drift", "fresh_staleness_mean", "fresh_staleness_max", "replay_age_mean", "replay_age_max",
+    "replay_fraction", "skipped", "buffer_backlog", "buffer_history",
     "stale_skipped", "generated_groups", "generated_tokens_per_s", "trained_tokens_per_s", "step_s", "wait_s",
     "weight_sync_s", "generator_restarts", "learner_restarts", "reward_timeouts",
 ]
@@ -29,10 +30,12 @@ STALENESS_BOUNDARIES = [0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5]  # histogram buckets
 # Gauges on the Ray dashboard: name -> (column, description).
 GAUGES = {
     "agro_reward_mean": ("reward_mean", "mean reward of the groups in the last learner batch"),
-    "agro_kl": ("kl", "sequence KL estimate log pi/pi_ref on the last batch"),
+    "agro_kl": ("kl", "KL(pi || pi_ref) per sequence on the last batch: exact over the vocabulary at each response position, summed"),
+    "agro_log_ratio": ("log_ratio", "mean sequence log pi(y)/pi_ref(y) of the last batch (a KL estimate only on-policy)"),
     "agro_loss": ("loss", "AGRO loss of the last batch"),
     "agro_replay_fraction": ("replay_fraction", "fraction of the last batch replayed from the history"),
-    "agro_staleness_mean": ("staleness_mean", "mean staleness (versions) of the last batch's fresh groups"),
+    "agro_staleness_mean": ("fresh_staleness_mean", "mean staleness (versions behind) of the last batch's fresh groups (<= max_staleness)"),
+    "agro_replay_age_mean": ("replay_age_mean", "mean age (versions behind) of the last batch's replayed groups"),
     "agro_buffer_backlog": ("buffer_backlog", "fresh groups waiting in the replay buffer"),
     "agro_generated_tokens_per_s": ("generated_tokens_per_s", "completion tokens generated per second (all generators)"),
     "agro_trained_tokens_per_s": ("trained_tokens_per_s", "response tokens trained per second"),
@@ -135,11 +138,14 @@ def progress_line(row: Dict[str, float], *, steps: int, last_eval: Optional[Dict
         v = row.get(k)
         return "-" if v is None else fmt.format(v)
 
+    age = row.get("replay_age_mean")
+    replay_age = "" if age is None else f" (age {age:.1f})"
     ev = "-" if not last_eval else f"{100 * last_eval['sampled_accuracy']:.1f}% (v{int(last_eval['version'])})"
     total = f"/{steps}" if steps else ""
     eta = "" if eta_s is None else f", ~{_dur(eta_s)} left"
     return (f"step {int(row['step'])}{total} | v{int(row['version'])} | samples {int(row['samples'])} | reward {g('reward_mean')} | "
-            f"kl {g('kl')} | eval {ev} | stale {g('staleness_mean', '{:.2f}')} | replay {g('replay_fraction', '{:.2f}')} | "
+            f"kl {g('kl')} | eval {ev} | fresh stale {g('fresh_staleness_mean', '{:.2f}')} | replay {g('replay_fraction', '{:.2f}')}"
+            f"{replay_age} | "
             f"backlog {g('buffer_backlog', '{:.0f}')} | gen {g('generated_tokens_per_s', '{:.0f}')} tok/s | "
             f"train {g('trained_tokens_per_s', '{:.0f}')} tok/s | sync {g('weight_sync_s', '{:.2f}')}s | "
             f"{_dur(row['elapsed_s'])}{eta}")
@@ -184,23 +190,26 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> str:
         a.legend(fontsize=8)
     a = ax[0, 2]
     rows, ys = col(tr, "kl")
-    a.plot([r["step"] for r in rows], ys, "-", color="C3")
+    a.plot([r["step"] for r in rows], ys, "-", color="C3", label="exact (vocabulary) KL")
     a.set_xlabel("learner step")
-    a.set_title("KL estimate (log pi/pi_ref per sequence)")
+    rows_lr, ys_lr = col(tr, "log_ratio")
+    a.plot([r["step"] for r in rows_lr], ys_lr, ":", color="C3", alpha=0.6, label="sampled log pi/pi_ref (on-policy estimate)")
+    a.set_title("KL(pi || pi_ref) per sequence")
+    a.legend(fontsize=8)
     a = ax[1, 0]
     rows, ys = col(tr, "kl")
     a.scatter(ys, [r.get("reward_mean", float("nan")) for r in rows], c=[r["step"] for r in rows], cmap="viridis", s=12)
-    a.set_xlabel("KL estimate")
+    a.set_xlabel("KL(pi || pi_ref) per sequence")
     a.set_ylabel("batch reward")
     a.set_title("reward vs KL (colour: step)")
     a = ax[1, 1]
-    for k, c in (("staleness_mean", "C4"), ("staleness_max", "C5")):
+    for k, c, style in (("fresh_staleness_mean", "C4", "-"), ("fresh_staleness_max", "C5", "-"), ("replay_age_mean", "C9", ":")):
         rows, ys = col(tr, k)
-        a.plot([r["step"] for r in rows], ys, "-", color=c, label=k)
+        a.plot([r["step"] for r in rows], ys, style, color=c, label=k.replace("_", " "))
     rows, ys = col(tr, "replay_fraction")
     a.plot([r["step"] for r in rows], ys, "--", color="C6", label="replay fraction")
     a.set_xlabel("learner step")
-    a.set_title("staleness (versions) and replay fraction")
+    a.set_title("versions behind: fresh groups, replayed groups; replay fraction")
     a.legend(fontsize=8)
     a = ax[1, 2]
     for k, c in (("generated_tokens_per_s", "C7"), ("trained_tokens_per_s", "C8")):

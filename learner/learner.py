@@ -37,7 +37,7 @@ from agro_dist.models import resolve_model  # noqa: E402
 from agro_dist.records import Group  # noqa: E402
 
 from .batching import MicroBatch, check_groups, collate  # noqa: E402
-from .logprobs import chunked_logprobs, module_chunked_logprobs, token_kl  # noqa: E402
+from .logprobs import chunked_logprobs, module_chunked_logprobs, token_kl, token_kl_metric  # noqa: E402
 
 log = logging.getLogger("agro_dist.learner")
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -70,6 +70,11 @@ class LearnerConfig:
     pad_to_multiple_of: int = 1
     ref_cache_groups: int = 4096
     gradient_checkpointing: bool = False
+    # Report the exact KL(pi || pi_ref) (full vocabulary, per response position, summed per
+    # sequence): right off-policy too. Costs a reference forward for replayed groups as well
+    # (their cached reference log-probs would otherwise spare it) and two vocabulary projections
+    # per response token. Off: ``kl`` is not reported (the sampled ``log_ratio`` still is).
+    exact_kl: bool = True
     seed: int = 0
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # merged over the generated config
 
@@ -150,6 +155,7 @@ class Learner:
         lr_at(cfg, 0)  # validates the schedule name
         self.loss_fn = get_loss(cfg.loss)
         self.need_token_kl = needs_token_kl(cfg.loss, **cfg.loss_options)
+        self.need_ref_hidden = self.need_token_kl or cfg.exact_kl
         model_path = resolve_model(cfg.model)  # "default": the embedded SmolLM2
         ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
         _init_distributed()
@@ -252,7 +258,7 @@ class Learner:
         """Reference log-probs [R, L-1], from the cache where every group of the micro-batch is
         in it (replayed groups), else one reference forward (whose results are cached)."""
         cached = [self._ref_cache.get(g.group_id) for g in groups]
-        if not self.need_token_kl and all(c is not None for c in cached):
+        if not self.need_ref_hidden and all(c is not None for c in cached):
             for g in groups:
                 self._ref_cache.move_to_end(g.group_id)
             rows = [t for c in cached for t in c]
@@ -269,7 +275,7 @@ class Learner:
             self._ref_cache.move_to_end(g.group_id)
         while len(self._ref_cache) > self.cfg.ref_cache_groups:
             self._ref_cache.popitem(last=False)
-        return full, (h if self.need_token_kl else None)
+        return full, (h if self.need_ref_hidden else None)
 
     # ------------------------------------------------------------------ training
 
@@ -278,13 +284,18 @@ class Learner:
         groups: Sequence[Group],
         *,
         staleness: Optional[Sequence[int]] = None,
+        replay_age: Optional[Sequence[int]] = None,
         replay_fraction: Optional[float] = None,
         wait_s: float = 0.0,
     ) -> Dict[str, float]:
         """One optimizer step on this rank's ``batch_groups / world_size`` groups.
 
-        Returns metrics (floats): loss parts, reward, regularised reward, KL estimate, entropy,
-        grad norm, staleness, replay fraction, tokens/s and the step time split. A batch whose
+        ``staleness``: versions behind of the batch's fresh groups; ``replay_age``: the same for its
+        replayed groups (they are as old as the history; ``max_staleness`` bounds fresh ones only).
+
+        Returns metrics (floats): loss parts, reward, regularised reward, ``kl`` (exact, see
+        ``exact_kl``) and ``log_ratio``, entropy, grad norm, fresh staleness and replay age, replay
+        fraction, tokens/s and the step time split. A batch whose
         loss or gradients are non-finite is not applied (``skipped`` = 1, counted, logged).
         """
         cfg = self.cfg
@@ -312,11 +323,20 @@ class Learner:
             dev = logps.device
             mask = mb.resp_mask.to(dev)
             opts = dict(cfg.loss_options)
+            kl = None
             if self.need_token_kl:
                 W = self.module.get_output_embeddings().weight
                 kl = token_kl(h[mask], W, ref_h[mask], self.ref.get_output_embeddings().weight, chunk=cfg.logprob_chunk)
                 opts["token_kl"] = torch.zeros(mask.shape, dtype=kl.dtype, device=dev).masked_scatter(mask, kl)
+            elif cfg.exact_kl:
+                kl = token_kl_metric(h[mask].detach(), self.module.get_output_embeddings(), ref_h[mask],
+                                     self.ref.get_output_embeddings(), chunk=cfg.logprob_chunk)
             loss, m = self.loss_fn(logps, ref_lp.to(dev), mask, mb.rewards.to(dev), group_size=mb.group_size, beta=cfg.beta, **opts)
+            m = dict(m)
+            m["log_ratio"] = m.pop("log_ratio_mean")  # mean sequence log pi(y)/pi_ref(y): a KL estimate on-policy only
+            if kl is not None and cfg.exact_kl:
+                seq_kl = torch.zeros(mask.shape, dtype=torch.float32, device=dev).masked_scatter(mask, kl.detach().float()).sum(-1)
+                m["kl"] = seq_kl.mean()
             weight = mb.num_groups / len(groups)  # the batch loss is the mean over this rank's prompts
             if not torch.isfinite(loss):
                 bad = True
@@ -359,10 +379,10 @@ class Learner:
             step_s=total,
             **{k: float(v) for k, v in times.items()},
         )
-        if staleness:
-            st = [s for s in staleness if s is not None]
+        for prefix, ages in (("fresh_staleness", staleness), ("replay_age", replay_age)):
+            st = [s for s in (ages or []) if s is not None]
             if st:
-                out.update(staleness_mean=sum(st) / len(st), staleness_max=float(max(st)))
+                out.update({f"{prefix}_mean": sum(st) / len(st), f"{prefix}_max": float(max(st))})
         if replay_fraction is not None:
             out["replay_fraction"] = float(replay_fraction)
         return out

@@ -19,6 +19,8 @@ def step_from_buffer(learner: Learner, buffer: ReplayBuffer, *, p: Optional[floa
     t = time.perf_counter()
     batch = buffer.sample(per_rank, p, current_version=learner.version, timeout_s=timeout_s)
     wait = time.perf_counter() - t
-    metrics = learner.train_step(batch.groups, staleness=batch.staleness, replay_fraction=batch.replay_fraction, wait_s=wait)
+    fresh = [it.staleness for it in batch.items if it.source == "fresh"]
+    replayed = [it.staleness for it in batch.items if it.source == "replay"]
+    metrics = learner.train_step(batch.groups, staleness=fresh, replay_age=replayed, replay_fraction=batch.replay_fraction, wait_s=wait)
     buffer.ack(batch)
     return metrics

@@ -120,9 +120,15 @@ def test_max_staleness_skips_old_fresh_groups_and_reports_staleness(make_buffer)
     buf.ack(b)
     s = buf.stats()
     assert s["stale_skipped"] == 3 and s["fresh_backlog"] == 0
-    assert s["staleness_hist"] == {0: 1, 1: 1, 2: 1}
+    assert s["staleness_hist"] == {0: 1, 1: 1, 2: 1} and s["replay_age_hist"] == {}
     # Skipped groups are not lost: they joined the replay history (AGRO can use them off-policy).
     assert s["history_groups"] == 6
+    # Replayed groups may be older than max_staleness: their age is counted apart from fresh staleness.
+    r = buf.sample(4, p=1.0, current_version=9)
+    assert all(it.source == "replay" and it.staleness >= 4 for it in r.items)
+    s = buf.stats()
+    assert s["staleness_hist"] == {0: 1, 1: 1, 2: 1} and sum(s["replay_age_hist"].values()) == 4
+    assert min(s["replay_age_hist"]) >= 4
     # Synchronous mode: max_staleness = 0 serves only the current version.
     sync = make_buffer(max_staleness=0)
     sync.put([make_group(i, version=v) for i, v in enumerate([3, 4, 4, 3, 4])])

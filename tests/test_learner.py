@@ -195,14 +195,61 @@ def test_published_state_dict_is_a_real_copy(tiny_model):
 
 
 def test_reference_log_probs_are_cached_per_group(tiny_model):
-    learner = make_learner(tiny_model)
+    learner = make_learner(tiny_model, exact_kl=False)
     calls = []
     learner.ref.get_decoder().register_forward_hook(lambda *a: calls.append(1))
     batch = batch_for_step(0, 4)
     learner.train_step(batch)
     assert len(calls) == 2  # two micro-batches
-    learner.train_step(batch)  # replayed groups: no reference forward
-    assert len(calls) == 2
+    m = learner.train_step(batch)  # replayed groups: no reference forward
+    assert len(calls) == 2 and "kl" not in m and "log_ratio" in m
+    # The exact KL needs the reference's hidden states, so it runs the reference pass for replayed groups too.
+    learner = make_learner(tiny_model)
+    calls = []
+    learner.ref.get_decoder().register_forward_hook(lambda *a: calls.append(1))
+    learner.train_step(batch)
+    learner.train_step(batch)
+    assert len(calls) == 4
+
+
+def test_reported_kl_is_the_exact_kl_also_on_data_pi_did_not_sample(tiny_model, tmp_path):
+    """``kl`` = mean over sequences of sum over response positions of KL(pi(.|prefix) || pi_ref(.|prefix)),
+    computed over the whole vocabulary; checked against full float64 logits of both models. The data are
+    samples of pi_ref (the paper's offline setting), not of pi: there the mean sampled log-ratio
+    estimates -KL(pi_ref || pi) < 0, no KL(pi || pi_ref) at all."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from agro_dist.records import Completion
+
+    torch.manual_seed(7)
+    ref_dir = str(tmp_path / "ref")
+    # Another random init with larger weights: a peaked pi_ref far from pi.
+    LlamaForCausalLM(LlamaConfig.from_pretrained(tiny_model, initializer_range=0.3)).save_pretrained(ref_dir)
+    learner = make_learner(tiny_model, ref_model=ref_dir, lr=0.0)
+    pol, ref = (AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64) for d in (tiny_model, ref_dir))
+    batch = batch_for_step(3, 4)
+    for g in batch:  # completions sampled from pi_ref
+        out = ref.generate(torch.tensor([g.prompt_token_ids] * g.n), do_sample=True, max_new_tokens=8, min_new_tokens=8,
+                           pad_token_id=0, eos_token_id=None)
+        g.completions = [Completion(row[len(g.prompt_token_ids):].numpy().astype("int32"), [0.0] * 8, c.reward, "length")
+                         for row, c in zip(out, g.completions)]
+    want, lr = [], []
+    for g in batch:
+        for c in g.completions:
+            ids = torch.tensor([list(g.prompt_token_ids) + list(c.token_ids)])
+            P, T = len(g.prompt_token_ids), len(c.token_ids)
+            lp = torch.log_softmax(pol(ids).logits[0, P - 1:P - 1 + T], -1)
+            lq = torch.log_softmax(ref(ids).logits[0, P - 1:P - 1 + T], -1)
+            want.append(float((lp.exp() * (lp - lq)).sum().detach()))
+            y = torch.tensor(c.token_ids)[:, None]
+            lr.append(float((lp.gather(1, y) - lq.gather(1, y)).sum().detach()))
+    m = learner.train_step(batch)
+    exact = sum(want) / len(want)
+    # float32 against float64 over ~6 positions of a 64-token vocabulary: 1e-5 relative is ~100x the rounding.
+    assert abs(m["kl"] - exact) < 1e-5 * max(1.0, exact), (m["kl"], exact)
+    assert abs(m["log_ratio"] - sum(lr) / len(lr)) < 1e-4
+    print(f"\nexact KL {m['kl']:.4f} (float64 {exact:.4f}), sampled log-ratio {m['log_ratio']:.4f}")
+    assert m["kl"] > 0.5 and m["log_ratio"] < -0.5, (m["kl"], m["log_ratio"])  # the sampled "KL" is negative here
 
 
 def test_lr_schedule_and_config_errors(tiny_model):

@@ -41,7 +41,8 @@ def test_learner_actor_trains_from_the_buffer_and_publishes_through_the_object_s
         m0 = ray.get(actor.step_from_buffer.remote(p=0.0, timeout_s=10))
         m1 = ray.get(actor.step_from_buffer.remote(p=0.0, timeout_s=10))
         assert (m0["version"], m1["version"]) == (1, 2) and m0["wait_s"] >= 0
-        assert (m0["staleness_mean"], m1["staleness_mean"], m1["staleness_max"]) == (0.0, 1.0, 1.0)
+        assert (m0["fresh_staleness_mean"], m1["fresh_staleness_mean"], m1["fresh_staleness_max"]) == (0.0, 1.0, 1.0)
+        assert "replay_age_mean" not in m1 and m1["kl"] >= 0  # p = 0: nothing replayed
         version, ref, secs = ray.get(actor.publish.remote())
         weights = ray.get(ref)
         s = buf.stats()
