@@ -43,6 +43,8 @@ class RunConfig:
     checkpoint_every: int = 0
     resume: bool = False
     ray_address: Optional[str] = None
+    connect_timeout_s: float = 30.0
+    startup_timeout_s: float = 600.0
     learner_restarts: int = 2
     step_timeout_s: float = 900.0
     tensorboard: bool = True
@@ -106,7 +108,9 @@ HELP: Dict[str, str] = {
     "run.eval_samples": "samples per held-out problem for the sampled accuracy (temperature = generator.temperature)",
     "run.checkpoint_every": "checkpoint every this many steps (and at the end); 0 = only at the end",
     "run.resume": "resume from the run folder's latest checkpoint (learner, version, counters)",
-    "run.ray_address": "Ray cluster to join; default: RAY_ADDRESS, else start a local Ray",
+    "run.ray_address": "Ray cluster to join; default: RAY_ADDRESS, else start a private local Ray",
+    "run.connect_timeout_s": "a peer that does not answer within this many seconds stops start-up with exit 3: the Ray cluster, Redis at redis_url, the learner's rendezvous",
+    "run.startup_timeout_s": "actors (generators, learner ranks, eval) not ready within this many seconds (pending resources, a hanging model load) stop start-up with exit 3",
     "run.learner_restarts": "times a failed learner group is rebuilt from its latest checkpoint before the run fails",
     "run.step_timeout_s": "a learner step (including waiting for data) longer than this fails the run",
     "run.tensorboard": "write TensorBoard event files to the run folder",
@@ -297,6 +301,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.mode must be sync or async, got {r.mode!r}")
     if r.mode == "sync" and (r.replay_prob != 0.0 or r.sync_every != 1):
         raise ConfigError("run.mode=sync is on-policy: it needs run.replay_prob=0 and run.sync_every=1 (use run.mode=async for replay)")
+    if r.connect_timeout_s <= 0 or r.startup_timeout_s <= 0:
+        raise ConfigError("run.connect_timeout_s and run.startup_timeout_s must be > 0")
     if not 0.0 <= r.replay_prob <= 1.0:
         raise ConfigError(f"run.replay_prob must be in [0, 1], got {r.replay_prob}")
     if r.max_staleness is not None and r.max_staleness < 0:

@@ -30,7 +30,10 @@ import json
 import logging
 import os
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -71,6 +74,7 @@ class Driver:
         self.latest = None  # (version, ObjectRef of the weights) last published
         self.evals: List[Dict[str, float]] = []
         self.own_ray = False
+        self.abandoned = False  # a start-up call never returned (a dead peer): exit without waiting for it
         self.redis = None
         self.buffer = None
         self.learners: List[Any] = []
@@ -122,20 +126,63 @@ class Driver:
                 raise StartupError(f"{what} {m!r} cannot be loaded: {e}") from None
 
     def _start_ray(self) -> None:
+        """Join the configured cluster (``run.ray_address``, else ``RAY_ADDRESS``, as inside a Ray
+        job), or start a private local Ray. Joining is bounded by ``run.connect_timeout_s``: Ray's
+        own client retries a dead head forever."""
         address = self.cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+        timeout = self.cfg.run.connect_timeout_s
         # Actors inherit this; vLLM's INFO lines would drown the progress line.
         env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"), "TOKENIZERS_PARALLELISM": "false"}
-        try:
-            if address:
-                ctx = ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-            else:
-                ctx = ray.init(runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
-                self.own_ray = True
-        except Exception as e:
-            raise StartupError(f"cannot connect to Ray ({address or 'local'}): {e}") from None
+        if address:
+            where = "run.ray_address" if self.cfg.run.ray_address else "RAY_ADDRESS"
+            _probe_ray(address, where, timeout)
+            kwargs = dict(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        else:
+            log.info("no Ray address configured (run.ray_address, RAY_ADDRESS): starting a private local Ray")
+            # "local": always a Ray of our own. Without it ray.init() joins whatever cluster Ray's
+            # temp folder last recorded (ray_current_cluster), even a dead one (issue 18).
+            kwargs = dict(address="local", runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
+                          log_to_driver=True)
+        if address:
+            ctx = self._join_cluster(kwargs, address, where, timeout)
+        else:  # in the main thread: Ray ties the head's processes to the thread that starts them
+            try:
+                ctx = ray.init(**kwargs)
+            except Exception as e:
+                raise StartupError(f"cannot start a local Ray: {_first_line(e)}") from None
+        self.own_ray = not address
         log.info("Ray %s: %s CPU, %s GPU; dashboard http://%s", address or "local (started here)",
                  ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0),
                  getattr(ctx, "dashboard_url", None) or "(not running)")
+
+    def _join_cluster(self, kwargs: Dict[str, Any], address: str, where: str, timeout: float):
+        """``ray.init`` against a cluster, in a helper thread so that a head which accepts the
+        connection but never answers (Ray's client retries forever) cannot hang start-up."""
+        done: Dict[str, Any] = {}
+
+        def init():
+            try:
+                done["ctx"] = ray.init(**kwargs)
+            except BaseException as e:  # handed to the main thread
+                done["error"] = e
+
+        quiet = _DropMessage("SIGTERM handler is not set")  # installed below, in the main thread
+        logging.getLogger("ray._private.worker").addFilter(quiet)
+        t = threading.Thread(target=init, name="ray-init", daemon=True)
+        t.start()
+        t.join(timeout)
+        logging.getLogger("ray._private.worker").removeFilter(quiet)
+        if t.is_alive():
+            self.abandoned = True  # ray.init is stuck in Ray's own retry loop: main() exits without waiting for it
+            raise StartupError(f"the Ray cluster at {address} ({where}) did not answer within run.connect_timeout_s={timeout:g} s: "
+                               f"is the head up (`ray status --address {address}`), does this machine reach it (firewall, "
+                               f"GCS port), and with token auth on, is RAY_AUTH_TOKEN (or ~/.ray/auth_token) the head's?")
+        if "error" in done:
+            raise StartupError(f"cannot connect to the Ray cluster at {address} ({where}): {_first_line(done['error'])}") from None
+        # What ray.init does in the main thread: SIGTERM (`ray job stop`) exits through the
+        # interpreter, so close() runs.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        return done["ctx"]
 
     def _demand(self) -> Dict[str, float]:
         r = self.cfg.resources
@@ -164,18 +211,19 @@ class Driver:
                                f"{r.eval_memory_gb:g} GB); lower the resources.* keys or add nodes")
 
     def _start_buffer(self) -> None:
-        import redis
-
         from agro_dist.buffer import ReplayBuffer
+        from agro_dist.buffer.client import connect
         from agro_dist.buffer.server import RedisServer
 
         b = self.cfg.buffer
         if b.redis_url:
             url = b.redis_url
             try:
-                redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5).ping()
+                t = self.cfg.run.connect_timeout_s
+                with connect(url, socket_connect_timeout=t, socket_timeout=t, retry=None) as c:
+                    c.ping()
             except Exception as e:
-                raise StartupError(f"Redis unreachable at {url}: {e}") from None
+                raise StartupError(f"Redis unreachable at {url} (buffer.redis_url; {self.cfg.run.connect_timeout_s:g} s limit): {e}") from None
         else:
             try:
                 self.redis = RedisServer(os.path.join(self.run_dir, "redis"), port=b.redis_port or None,
@@ -245,11 +293,17 @@ class Driver:
         self._pg = placement_group([bundle] * N, strategy="PACK") if bundle else None
         master_addr, master_port = "127.0.0.1", None
         if self._pg is not None:
-            if not self._pg.wait(timeout_seconds=120):
-                raise StartupError(f"the learner's {N} rank(s) ({bundle} each) could not be placed within 120 s")
+            wait_s = self.cfg.run.startup_timeout_s
+            if not self._pg.wait(timeout_seconds=wait_s):
+                raise StartupError(f"the learner's {N} rank(s) ({bundle} each) could not be placed within run.startup_timeout_s="
+                                   f"{wait_s:g} s: the cluster lacks these resources on its nodes (see `ray status`)")
             # Rank 0's node hosts the torch.distributed rendezvous: ask a task placed there.
-            master_addr, master_port = ray.get(_rendezvous.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self._pg, placement_group_bundle_index=0), num_cpus=0).remote())
+            try:
+                master_addr, master_port = ray.get(_rendezvous.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self._pg, placement_group_bundle_index=0), num_cpus=0).remote(), timeout=max(self.cfg.run.connect_timeout_s, 60))
+            except ray.exceptions.GetTimeoutError:
+                raise StartupError("the learner's rendezvous (a task on rank 0's node) did not answer within "
+                                   f"{max(self.cfg.run.connect_timeout_s, 60):g} s: is that node alive (see `ray status`)?") from None
         self.learners = []
         for rank in range(N):
             opts = self._actor_options("learner", self._actor_name(f"learner-{rank}"))
@@ -262,10 +316,12 @@ class Driver:
         self._wait_ready(self.learners, "learner")
 
     def _wait_ready(self, actors, what: str) -> None:
+        wait_s = self.cfg.run.startup_timeout_s
         try:
-            ray.get([a.get_version.remote() if what != "learner" else a.version.remote() for a in actors], timeout=900)
+            ray.get([a.get_version.remote() if what != "learner" else a.version.remote() for a in actors], timeout=wait_s)
         except ray.exceptions.GetTimeoutError:
-            raise StartupError(f"{what} actor(s) did not start within 900 s (resources pending? see the Ray dashboard)") from None
+            raise StartupError(f"{what} actor(s) not ready within run.startup_timeout_s={wait_s:g} s: resources pending (see "
+                               "`ray status` and the dashboard's Actors page), or a model load or rendezvous that hangs") from None
         except Exception as e:
             raise StartupError(f"{what} actor failed to start: {_first_line(e)}") from None
 
@@ -560,8 +616,42 @@ class Driver:
             self.buffer.close()
         if self.redis:
             self.redis.stop()
-        if self.own_ray and ray.is_initialized():
+        if self.own_ray and ray.is_initialized() and not self.abandoned:
             ray.shutdown()
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _probe_ray(address: str, where: str, timeout: float) -> None:
+    """Fail fast when nothing listens at the cluster's address: a TCP connect to the GCS (or the
+    Ray Client server of a ``ray://`` address) within ``timeout``. ``auto`` is resolved as Ray
+    does (``RAY_ADDRESS``, then the ``ray_current_cluster`` file)."""
+    from ray._private.services import get_ray_address_from_environment
+
+    target = address
+    if address == "auto":
+        try:
+            target = get_ray_address_from_environment("auto", None)
+        except ConnectionError as e:
+            raise StartupError(f"{where}=auto: {e}") from None
+    hostport = target.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except ValueError:
+        raise StartupError(f"{where}={address!r}: expected host:port, ray://host:port or auto") from None
+    except OSError as e:
+        why = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
+        raise StartupError(f"the Ray cluster at {address} ({where}) does not answer ({why}, {timeout:g} s limit): is the head up "
+                           f"(`ray status --address {address}`), is the address right, does a firewall block its GCS port?") from None
 
 
 @ray.remote
@@ -631,6 +721,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     except StartupError as e:
         log.error("agro_dist: cannot start: %s", e)
+        if d.abandoned:  # a start-up call is stuck in a library's retry loop: do not wait for it at exit
+            d.close()
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)
         return 3
     except TrainingError as e:
         log.error("agro_dist: training failed: %s", e)
