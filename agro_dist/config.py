@@ -83,7 +83,9 @@ _HIDDEN = {"generator": {"model", "seed", "generator_id"}, "learner": {"model", 
 
 # The driver's defaults for the component configs where they differ from the classes' own:
 # the measured recipe for SmolLM2-135M on 1-digit addition (issue 6's feasibility run).
-_GENERATOR_DEFAULTS = dict(n=4, temperature=0.7, max_tokens=12, prompts_per_call=8, task_options={"levels": [1]})
+# No task_options default: they belong to one task (arithmetic's levels default to [1] in the task
+# itself); a default here leaked into every other task ("unexpected keyword argument 'levels'").
+_GENERATOR_DEFAULTS = dict(n=4, temperature=0.7, max_tokens=12, prompts_per_call=8)
 _LEARNER_DEFAULTS = dict(lr=1e-5, beta=0.05, batch_groups=8, micro_groups=4, grad_clip=1.0)
 
 SECTIONS = {"run": RunConfig, "generator": GeneratorConfig, "learner": LearnerConfig, "buffer": BufferSection,
@@ -139,7 +141,7 @@ HELP: Dict[str, str] = {
     # generator
     "generator.task": "arithmetic, math, math500, gsm8k or jsonl",
     "generator.task_path": "data file or folder for math/math500/gsm8k/jsonl",
-    "generator.task_options": "task arguments, e.g. {levels: [1, 2]} or jsonl field names",
+    "generator.task_options": "task arguments, e.g. {levels: [1, 2]} (arithmetic; default levels [1]) or jsonl field names",
     "generator.reward_fn": "reward: numeric, math, or pkg.module:function; default: the task's",
     "generator.reward_timeout_s": "a reward call longer than this scores 0 and is counted",
     "generator.n": "completions per prompt (a group)",
