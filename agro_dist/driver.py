@@ -406,8 +406,16 @@ class Driver:
         if self._restore() is None:
             log.warning("no checkpoint yet: the learner restarted from the initial weights")
 
+    def _card(self) -> Dict[str, Any]:
+        """What the checkpoint's model card says about the run (the learner adds loss, beta, steps)."""
+        g, r = self.cfg.generator, self.cfg.run
+        evals = [{k: e[k] for k in ("version", "greedy_accuracy", "sampled_accuracy", "eval_problems")} for e in self.evals]
+        return dict(base_model=self.cfg.model, task=g.task, task_path=g.task_path, task_options=g.task_options, reward_fn=g.reward_fn, mode=r.mode,
+                    replay_prob=r.replay_prob, samples=self.samples, before=evals[0] if evals else None,
+                    after=evals[-1] if len(evals) > 1 else None)
+
     def _checkpoint(self, elapsed: float) -> None:
-        extra = dict(step=self.step, samples=self.samples, elapsed_s=elapsed)
+        extra = dict(step=self.step, samples=self.samples, elapsed_s=elapsed, card=self._card())
         ray.get([a.save_checkpoint.remote(self.ckpt_dir, extra) for a in self.learners])
 
     def _eval_submit(self):
@@ -565,6 +573,10 @@ class Driver:
         if pending_eval is not None:
             self._eval_collect(pending_eval, elapsed(), wait=True)
         after = self._eval_collect(self._eval_submit(), elapsed(), wait=True)
+        try:  # the final model's card gets the final held-out accuracy, measured after it was written
+            ray.get(self.learners[0].update_model_card.remote(self.ckpt_dir, self._card()), timeout=120)
+        except Exception as e:
+            log.warning("could not write the final accuracy into the model card: %s", _first_line(e))
         for ref in gen_refs:  # let in-flight generation finish: its groups are in the buffer for a resumed run
             try:
                 ray.get(ref, timeout=120)

@@ -72,6 +72,9 @@ class LearnerWorker:
     def save_checkpoint(self, root: str, extra: Optional[Dict[str, Any]] = None) -> str:
         return self.learner.save_checkpoint(root, extra=extra)
 
+    def update_model_card(self, root: str, card: Dict[str, Any]) -> Optional[str]:
+        return self.learner.update_model_card(root, card)
+
     def load_checkpoint(self, path: str) -> Dict[str, Any]:
         return self.learner.load_checkpoint(path)
 

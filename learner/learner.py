@@ -33,6 +33,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from agro_dist.losses import get_loss, needs_token_kl  # noqa: E402
+from agro_dist.model_card import copy_tokenizer, write_model_card  # noqa: E402
 from agro_dist.models import resolve_model  # noqa: E402
 from agro_dist.records import Group  # noqa: E402
 
@@ -156,7 +157,7 @@ class Learner:
         self.loss_fn = get_loss(cfg.loss)
         self.need_token_kl = needs_token_kl(cfg.loss, **cfg.loss_options)
         self.need_ref_hidden = self.need_token_kl or cfg.exact_kl
-        model_path = resolve_model(cfg.model)  # "default": the embedded SmolLM2
+        self.model_path = model_path = resolve_model(cfg.model)  # "default": the embedded SmolLM2
         ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
         _init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -429,7 +430,8 @@ class Learner:
     def save_checkpoint(self, root: str, *, extra: Optional[Dict[str, Any]] = None) -> str:
         """Write ``root/step_{version:08d}`` atomically and point ``root/latest`` at it.
 
-        Contents: ``hf/`` (safetensors; ``from_pretrained`` loads it), ``ds/`` (DeepSpeed
+        Contents: ``hf/`` (safetensors, the policy's tokenizer files and chat template, a model
+        card built from ``extra["card"]``: ``from_pretrained`` and vLLM load it), ``ds/`` (DeepSpeed
         module, optimizer state per rank), ``rng_rank{r}.pt``, ``meta.json`` (version, skipped
         count, config, the caller's ``extra``: e.g. the buffer cursor). Written in a temporary
         folder first and renamed once complete, so a crash never leaves a half checkpoint
@@ -447,7 +449,11 @@ class Learner:
         torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
         version, sd = self.publish()
         if self.rank == 0:
-            self.module.save_pretrained(os.path.join(tmp, "hf"), state_dict=sd, safe_serialization=True)
+            hf = os.path.join(tmp, "hf")
+            self.module.save_pretrained(hf, state_dict=sd, safe_serialization=True)
+            # A folder usable on its own: the run's tokenizer and chat template, and a model card.
+            copy_tokenizer(self.model_path, hf)
+            write_model_card(hf, self._card((extra or {}).get("card")))
             meta = dict(version=self.version, skipped_batches=self.skipped_batches, world_size=self.world,
                         config=asdict(self.cfg), extra=extra or {}, time=time.time())
             with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -461,6 +467,20 @@ class Learner:
             _atomic_write(os.path.join(root, "latest"), name)
         dist.barrier()
         return final
+
+    def _card(self, card: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+        c = self.cfg
+        return dict(dict(base_model=c.model, loss=c.loss, loss_options=c.loss_options, beta=c.beta, lr=c.lr, steps=self.version),
+                    **(card or {}))
+
+    def update_model_card(self, root: str, card: Dict[str, Any]) -> Optional[str]:
+        """Rewrite the model card of ``root``'s latest checkpoint (e.g. with the final held-out
+        accuracy, measured after it was written). Rank 0 only; others return None."""
+        if self.rank != 0:
+            return None
+        with open(os.path.join(root, "latest")) as f:
+            hf = os.path.join(root, f.read().strip(), "hf")
+        return write_model_card(hf, self._card(card))
 
     def load_checkpoint(self, path: str) -> Dict[str, Any]:
         """Resume from a checkpoint folder, or from ``root`` (its ``latest``); returns meta."""

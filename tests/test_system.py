@@ -107,6 +107,11 @@ def _weights(run_dir):
     return load_file(os.path.join(ckpt, latest, "hf", "model.safetensors"))
 
 
+def _final_hf(run_dir):
+    ckpt = os.path.join(run_dir, "checkpoints")
+    return os.path.join(ckpt, open(os.path.join(ckpt, "latest")).read().strip(), "hf")
+
+
 def _check_run(p, run_dir, model, steps):
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     rows = _rows(os.path.join(run_dir, "train.csv"))
@@ -126,6 +131,7 @@ def _check_run(p, run_dir, model, steps):
 
 
 def test_sync_mode_is_on_policy_step_for_step(head, tiny_vllm_model, tmp_path):
+    model = tiny_vllm_model
     p = _train(head, _args(tiny_vllm_model, tmp_path, "sync", "--run.mode", "sync", "--run.steps", "4"))
     rows, summary = _check_run(p, tmp_path / "sync", tiny_vllm_model, 4)
     for r in rows:
@@ -136,6 +142,26 @@ def test_sync_mode_is_on_policy_step_for_step(head, tiny_vllm_model, tmp_path):
         assert float(r["weight_sync_s"]) > 0
     b = summary["buffer"]
     assert b["put_groups"] == b["acked"] == 4 * 4 and b["fresh_backlog"] == 0 and b["stale_skipped"] == 0
+    # The exported model is usable on its own: tokenizer + chat template + a model card in hf/, and
+    # transformers and vLLM, given only the folder, agree on a greedy completion.
+    hf = _final_hf(tmp_path / "sync")
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"} <= set(os.listdir(hf))
+    card = open(os.path.join(hf, "README.md")).read()
+    ev = _rows(tmp_path / "sync" / "eval.csv")
+    assert "`agro_off`" in card and "beta = 0.05" in card and "4 optimizer steps" in card and "arithmetic" in card
+    assert f"| this checkpoint (version 4) | {100 * float(ev[-1]['greedy_accuracy']):.1f}% |" in card, card
+    chk = subprocess.run([sys.executable, os.path.join(TESTS, "hf_folder_check.py"), hf], capture_output=True, text=True, timeout=600,
+                         env=_env())
+    assert chk.returncode == 0, chk.stdout[-2000:] + chk.stderr[-3000:]
+    got = json.loads(chk.stdout.split("HF_FOLDER_CHECK ", 1)[1])
+    assert got["chat_template"] and got["hf"] == got["vllm"] and len(got["hf"]) > 0, got
+    # `python -m agro_dist.evaluate` with the run's config reports the run's own "before" numbers.
+    e = subprocess.run([sys.executable, "-m", "agro_dist.evaluate", "--config", str(tmp_path / "sync" / "config.yaml"),
+                        "--model", model], capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+    assert e.returncode == 0, e.stdout[-2000:] + e.stderr[-3000:]
+    res = json.loads(e.stdout.split("AGRO_EVAL ", 1)[1])
+    assert (res["greedy_accuracy"], res["sampled_accuracy"], res["eval_problems"]) == (
+        float(ev[0]["greedy_accuracy"]), float(ev[0]["sampled_accuracy"]), float(ev[0]["eval_problems"])), (res, ev[0])
 
 
 def test_replay_probability_half_mixes_history_into_batches(head, tiny_vllm_model, tmp_path):
