@@ -78,7 +78,8 @@ class Generator:
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
         self._problems = self.task.train(seed=cfg.seed)
-        self.stats = dict(groups=0, completions=0, tokens=0, generate_s=0.0, reward_s=0.0, weight_updates=0, weight_update_s=0.0)
+        self.stats = dict(groups=0, completions=0, tokens=0, generate_s=0.0, reward_s=0.0, weight_updates=0, weight_update_s=0.0,
+                          prompts_too_long=0)
 
     # ------------------------------------------------------------------ sampling
 
@@ -91,8 +92,27 @@ class Generator:
         return SamplingParams(n=n, temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0,
                               max_tokens=max_tokens or cfg.max_tokens, stop=cfg.stop or None, logprobs=0)
 
+    def _prompt(self, problem: Problem) -> str:
+        return format_prompt(self.tokenizer, problem, self.task.instruction)
+
+    def _fits(self, problem: Problem) -> bool:
+        """Whether the problem's prompt leaves room for at least one completion token in
+        ``max_model_len`` (vLLM refuses a longer prompt, which would stop the whole run)."""
+        return len(self.tokenizer.encode(self._prompt(problem))) < self.cfg.max_model_len
+
+    def _next_problem(self) -> Problem:
+        for _ in range(10_000):
+            p = next(self._problems)
+            if self._fits(p):
+                return p
+            self.stats["prompts_too_long"] += 1
+            if self.stats["prompts_too_long"] in (1, 10, 100, 1000):
+                log.warning("generator %s: %d training prompt(s) longer than max_model_len=%d skipped so far (e.g. %s)",
+                            self.cfg.generator_id, self.stats["prompts_too_long"], self.cfg.max_model_len, p.id)
+        raise ValueError(f"task {self.task.name}: no training prompt fits max_model_len={self.cfg.max_model_len} in 10000 draws")
+
     def _generate(self, problems: List[Problem], sp) -> List[Any]:
-        prompts = [format_prompt(self.tokenizer, p, self.task.instruction) for p in problems]
+        prompts = [self._prompt(p) for p in problems]
         t = time.perf_counter()
         outs = self.llm.generate(prompts, sp, use_tqdm=False)
         self.stats["generate_s"] += time.perf_counter() - t
@@ -100,7 +120,7 @@ class Generator:
 
     def generate(self, num_prompts: Optional[int] = None) -> List[Group]:
         """Groups for the next ``num_prompts`` training problems, scored and version-tagged."""
-        problems = [next(self._problems) for _ in range(num_prompts or self.cfg.prompts_per_call)]
+        problems = [self._next_problem() for _ in range(num_prompts or self.cfg.prompts_per_call)]
         outs = self._generate(problems, self._sampling(n=self.cfg.n, temperature=self.cfg.temperature))
         groups = []
         for prob, out in zip(problems, outs):
@@ -145,7 +165,13 @@ class Generator:
     def evaluate(self, size: Optional[int] = None, *, samples: int = 1) -> Dict[str, float]:
         """Greedy and sampled accuracy on the task's held-out problems, with the current weights."""
         problems = self.task.eval_set(size)
-        out: Dict[str, float] = {"version": float(self.version), "eval_problems": float(len(problems))}
+        fit = [p for p in problems if self._fits(p)]
+        if len(fit) < len(problems):  # counted apart: the accuracy is over the problems that fit
+            log.warning("evaluation: %d of %d held-out prompts are longer than max_model_len=%d and are left out",
+                        len(problems) - len(fit), len(problems), self.cfg.max_model_len)
+        out: Dict[str, float] = {"version": float(self.version), "eval_problems": float(len(fit)),
+                                 "eval_too_long": float(len(problems) - len(fit))}
+        problems = fit
         for mode, sp in (("greedy", self._sampling(n=1, temperature=0.0)),
                          ("sampled", self._sampling(n=samples, temperature=self.cfg.temperature))):
             res = self._generate(problems, sp)
