@@ -40,6 +40,9 @@ class RunConfig:
     eval_every: int = 10
     eval_size: int = 0
     eval_samples: int = 8
+    eval_task: Optional[str] = None
+    eval_task_path: Optional[str] = None
+    eval_task_options: Optional[Dict[str, Any]] = None
     checkpoint_every: int = 0
     resume: bool = False
     ray_address: Optional[str] = None
@@ -108,6 +111,9 @@ HELP: Dict[str, str] = {
     "run.eval_every": "held-out evaluation every this many steps (and before the first and after the last); 0 = only before/after",
     "run.eval_size": "held-out problems per evaluation; 0 = the task's whole held-out set",
     "run.eval_samples": "samples per held-out problem for the sampled accuracy (temperature = generator.temperature)",
+    "run.eval_task": "task of the held-out evaluation (e.g. math500); null = the training task's held-out split",
+    "run.eval_task_path": "data file or folder of run.eval_task; null = generator.task_path when the task is the same",
+    "run.eval_task_options": "task arguments of run.eval_task; null = generator.task_options when the task is the same, else {}",
     "run.checkpoint_every": "checkpoint every this many steps (and at the end); 0 = only at the end",
     "run.resume": "resume from the run folder's latest checkpoint (learner, version, counters)",
     "run.ray_address": "Ray cluster to join; default: RAY_ADDRESS, else start a private local Ray",
@@ -177,6 +183,7 @@ HELP: Dict[str, str] = {
     "learner.pad_to_multiple_of": "pad sequence lengths to a multiple of this",
     "learner.ref_cache_groups": "reference log-probs cached for this many groups (replay needs no second pass)",
     "learner.gradient_checkpointing": "recompute activations in backward (memory)",
+    "learner.value_lr": "agro_single only: AdamW learning rate of the value head V(x) (a linear map of the detached prompt state)",
     "learner.exact_kl": "report kl = exact KL(pi, pi_ref) over the vocabulary at each response position (right off-policy too); costs a reference pass for replayed groups",
     "learner.deepspeed": "DeepSpeed config merged over the generated one",
 }
@@ -205,6 +212,19 @@ class Config:
     def generator_config(self, index: int) -> Dict[str, Any]:
         d = dataclasses.asdict(self.generator)
         d.update(model=self.model, seed=self.run.seed + index, generator_id=f"gen-{index}")
+        return d
+
+    def eval_generator_config(self) -> Dict[str, Any]:
+        """The eval actor's configuration: generator 0's, with the evaluation task."""
+        d = self.generator_config(0)
+        d["generator_id"] = "eval"
+        r, g = self.run, self.generator
+        if r.eval_task:
+            same = r.eval_task == g.task
+            d["task"] = r.eval_task
+            d["task_path"] = r.eval_task_path if r.eval_task_path is not None else (g.task_path if same else None)
+            d["task_options"] = r.eval_task_options if r.eval_task_options is not None else (dict(g.task_options) if same else {})
+            d["reward_fn"] = g.reward_fn if same else None  # another task is scored by its own reward
         return d
 
     def learner_config(self) -> Dict[str, Any]:
@@ -276,25 +296,59 @@ def _flatten(d: Dict[str, Any], where: str) -> Dict[str, Any]:
     return out
 
 
+def _read(path: str) -> Dict[str, Any]:
+    """A config file's keys, flattened (``{"learner.lr": 1e-5}``)."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return _flatten(data, path)
+
+
 def load(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> Config:
     """Defaults, then the YAML file, then ``overrides`` (``{"learner.lr": 1e-5}``); validated."""
     cfg = Config()
     if path:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        for k, v in _flatten(data, path).items():
+        for k, v in _read(path).items():
             _set(cfg, k, v, path)
     for k, v in (overrides or {}).items():
         _set(cfg, k, v, "command line")
     validate(cfg)
     return cfg
+
+
+# Settings a resumed run keeps from its saved config.yaml: its checkpoint was made with them (the
+# weights' shapes, DeepSpeed's optimizer partitioning, the ranks' files, the value head). Given with
+# another value on resume they are refused; every other key may change (steps, lr, eval, data, ...).
+RESUME_FIXED = ("model", "learner.ref_model", "learner.loss", "learner.zero_stage", "learner.offload_optimizer", "learner.dtype",
+                "resources.learner_ranks")
+
+
+def _get(cfg: Config, key: str) -> Any:
+    if key == "model":
+        return cfg.model
+    sec, _, name = key.partition(".")
+    return getattr(getattr(cfg, sec), name)
+
+
+def resume_config(cfg: Config, given: Dict[str, Any]) -> Config:
+    """For ``run.resume``: the run's saved ``config.yaml`` with the keys the user ``given`` now
+    (config file and command line) on top; a ``RESUME_FIXED`` key given with a value other than
+    the saved one is a ConfigError naming both. Without a saved config, ``cfg`` as it is."""
+    saved_path = os.path.join(cfg.run_dir, "config.yaml")
+    if not os.path.exists(saved_path):
+        return cfg
+    saved = load(saved_path)
+    clash = [f"{k}={_get(cfg, k)!r} (saved: {_get(saved, k)!r})" for k in RESUME_FIXED if k in given and _get(cfg, k) != _get(saved, k)]
+    if clash:
+        raise ConfigError(f"run.resume: {', '.join(clash)} differ from the run's {saved_path}; a resumed run keeps the settings "
+                          f"its checkpoint was made with: drop these options, or start a new run.name")
+    return load(saved_path, given)
 
 
 def validate(cfg: Config) -> None:
@@ -324,6 +378,38 @@ def validate(cfg: Config) -> None:
                           "every step trains exactly the groups generated for it")
     if not os.environ.get("AGRO_ALLOW_REDIS_6379") and cfg.buffer.redis_port == 6379:
         raise ConfigError("buffer.redis_port 6379 is Ray's default GCS port; pick another")
+
+
+def check_tasks(cfg: Config) -> None:
+    """Load the training and evaluation tasks as the actors will (data files read, options
+    checked) and refuse, before anything starts, a training task with no training problems or an
+    evaluation task with no held-out problems. Errors name the key and the file/line/field."""
+    from agro_dist.tasks import load_task
+
+    def load_as(what: str, name: str, path: Optional[str], opts: Optional[Dict[str, Any]]):
+        try:
+            return load_task(name, path, **(opts or {}))
+        except TypeError as err:  # an option the task does not take
+            raise ConfigError(f"{what}={name}: bad task options {opts}: {err}") from None
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"{what}={name} (path {path}): {err}") from None
+
+    g = cfg.generator
+    task = load_as("generator.task", g.task, g.task_path, g.task_options)
+    try:
+        next(task.train(seed=cfg.run.seed))
+    except (ValueError, StopIteration):
+        hint = (" (MATH-500 is an evaluation set: train on math, e.g. --generator.task math --generator.task_path "
+                "../shared/data/math, and evaluate with --run.eval_task math500 --run.eval_task_path ../shared/data/math500)"
+                if g.task == "math500" else " (give a file with training problems, or use it as run.eval_task)")
+        raise ConfigError(f"generator.task={g.task}: no training problems in {g.task_path}{hint}") from None
+    what = "generator.task"
+    if cfg.run.eval_task:
+        e = cfg.eval_generator_config()
+        what = "run.eval_task"
+        task = load_as(what, e["task"], e["task_path"], e["task_options"])
+    if not task.eval_set(cfg.run.eval_size or None):
+        raise ConfigError(f"{what}: no held-out problems to evaluate on")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -358,4 +444,7 @@ def from_args(argv: Optional[List[str]] = None) -> Tuple[Config, argparse.Namesp
     for k, v in overrides.items():
         if isinstance(defaults.get(k), str) and not isinstance(v, str) and v is not None:
             overrides[k] = str(getattr(ns, k))
-    return load(ns.config, overrides), ns
+    cfg = load(ns.config, overrides)
+    if cfg.run.resume:
+        cfg = resume_config(cfg, {**(_read(ns.config) if ns.config else {}), **overrides})
+    return cfg, ns

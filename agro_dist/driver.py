@@ -75,6 +75,8 @@ class Driver:
         self.evals: List[Dict[str, float]] = []
         self.own_ray = False
         self.abandoned = False  # a start-up call never returned (a dead peer): exit without waiting for it
+        self.started = False
+        self._log_file: Optional[logging.Handler] = None
         self.redis = None
         self.buffer = None
         self.learners: List[Any] = []
@@ -97,6 +99,10 @@ class Driver:
             log.warning("replacing the previous run in %s (use run.resume=true to continue it, or another run.name)", self.run_dir)
             shutil.rmtree(self.run_dir)
         os.makedirs(self.run_dir, exist_ok=True)
+        # The driver's log, tracebacks included, also goes to the run folder (the console gets one line per failure).
+        self._log_file = logging.FileHandler(os.path.join(self.run_dir, "driver.log"))
+        self._log_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        logging.getLogger().addHandler(self._log_file)
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
         self._check_model()
@@ -109,6 +115,7 @@ class Driver:
         self._start_learner()
         self._start_evaluator()
         meta = self._restore() if resume else {}
+        self.started = True
         log.info("started %d generator(s), %d learner rank(s), an eval actor in %.0f s; buffer %s; run folder %s",
                  len(self.generators), len(self.learners), time.perf_counter() - t, self.buffer_url, self.run_dir)
         if meta:
@@ -274,8 +281,7 @@ class Driver:
     def _start_evaluator(self) -> None:
         from agro_dist.actors.generator import GeneratorActor
 
-        gc = self.cfg.generator_config(0)
-        gc["generator_id"] = "eval"
+        gc = self.cfg.eval_generator_config()
         opts = self._actor_options("eval", self._actor_name("eval"))
         self.evaluator = GeneratorActor.options(max_restarts=-1, max_task_retries=-1, **opts).remote(gc)
         self._wait_ready([self.evaluator], "eval")
@@ -468,7 +474,7 @@ class Driver:
         row = dict(
             step=self.step, version=int(m["version"]), samples=self.samples, elapsed_s=elapsed,
             reward_mean=m.get("reward_mean"), kl=m.get("kl"), log_ratio=m.get("log_ratio"), reg_reward_mean=m.get("reg_reward_mean"),
-            loss=m.get("loss", m.get("consistency_loss")), entropy=m.get("entropy"), grad_norm=m.get("grad_norm"), lr=m.get("lr"),
+            loss=m.get("consistency_loss", m.get("loss")), entropy=m.get("entropy"), grad_norm=m.get("grad_norm"), lr=m.get("lr"),
             response_len_mean=m.get("response_len_mean"), behaviour_drift=m.get("policy_minus_behaviour_logp"),
             fresh_staleness_mean=m.get("fresh_staleness_mean"), fresh_staleness_max=m.get("fresh_staleness_max"),
             replay_age_mean=m.get("replay_age_mean"), replay_age_max=m.get("replay_age_max"),
@@ -630,6 +636,9 @@ class Driver:
             self.redis.stop()
         if self.own_ray and ray.is_initialized() and not self.abandoned:
             ray.shutdown()
+        if self._log_file is not None:
+            logging.getLogger().removeHandler(self._log_file)
+            self._log_file.close()
 
 
 class _DropMessage(logging.Filter):
@@ -714,6 +723,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if ns.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    try:
+        config_mod.check_tasks(cfg)  # data and task options, before anything starts
+    except ConfigError as e:
+        print(f"agro_dist: error: {e}", file=sys.stderr)
+        return 2
     d = Driver(cfg)
     try:
         d.start()
@@ -746,5 +760,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         log.error("agro_dist: interrupted")
         return 130
+    except Exception as e:  # anything else: one line here, the traceback in the run folder's driver.log
+        status, what = (4, "training failed") if d.started else (3, "cannot start")
+        import tempfile
+        import traceback
+
+        where = os.path.join(d.run_dir, "driver.log") if d._log_file else os.path.join(tempfile.gettempdir(), f"agro_dist-{os.getpid()}.log")
+        with open(where, "a") as f:  # the traceback to the file only
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} agro_dist ERROR: unexpected error\n{traceback.format_exc()}")
+        log.error("agro_dist: %s: %s: %s (traceback in %s)", what, type(e).__name__, _first_line(e), where)
+        return status
     finally:
         d.close()

@@ -68,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from agro_dist.actors.generator import Generator
 
-    gc = cfg.generator_config(0)  # the eval actor's configuration: seed = run.seed
+    gc = cfg.eval_generator_config() if not own.task else cfg.generator_config(0)  # the eval actor's: seed = run.seed
     gc.update(model=own.model, generator_id="eval")
     size = cfg.run.eval_size if own.size is None else own.size
     samples = cfg.run.eval_samples if own.samples is None else own.samples
@@ -82,12 +82,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         res = gen.evaluate(size or None, samples=samples)
     finally:
         gen.close()
-    g = cfg.generator
-    res.update(model=own.model, task=g.task, task_path=g.task_path, temperature=g.temperature, samples=samples,
+    res.update(model=own.model, task=gc["task"], task_path=gc["task_path"], temperature=gc["temperature"], samples=samples,
                seconds=round(time.perf_counter() - t, 1))
-    print(f"\nheld-out accuracy of {own.model} on {g.task} ({int(res['eval_problems'])} problems)\n"
+    print(f"\nheld-out accuracy of {own.model} on {gc['task']} ({int(res['eval_problems'])} problems)\n"
           f"  greedy               {100 * res['greedy_accuracy']:5.1f}%\n"
-          f"  sampled (T={g.temperature:g}, {samples} each) {100 * res['sampled_accuracy']:5.1f}%", flush=True)
+          f"  sampled (T={gc['temperature']:g}, {samples} each) {100 * res['sampled_accuracy']:5.1f}%", flush=True)
     print("AGRO_EVAL " + json.dumps(res), flush=True)
     if own.out:
         with open(own.out, "w") as f:

@@ -32,7 +32,7 @@ GAUGES = {
     "agro_reward_mean": ("reward_mean", "mean reward of the groups in the last learner batch"),
     "agro_kl": ("kl", "KL(pi || pi_ref) per sequence on the last batch: exact over the vocabulary at each response position, summed"),
     "agro_log_ratio": ("log_ratio", "mean sequence log pi(y)/pi_ref(y) of the last batch (a KL estimate only on-policy)"),
-    "agro_loss": ("loss", "AGRO loss of the last batch"),
+    "agro_loss": ("loss", "loss of the last batch: the consistency loss 1/2 Var(R) for agro_off/agro_on/rloo, else the surrogate"),
     "agro_replay_fraction": ("replay_fraction", "fraction of the last batch replayed from the history"),
     "agro_staleness_mean": ("fresh_staleness_mean", "mean staleness (versions behind) of the last batch's fresh groups (<= max_staleness)"),
     "agro_replay_age_mean": ("replay_age_mean", "mean age (versions behind) of the last batch's replayed groups"),

@@ -76,6 +76,10 @@ class LearnerConfig:
     # (their cached reference log-probs would otherwise spare it) and two vocabulary projections
     # per response token. Off: ``kl`` is not reported (the sampled ``log_ratio`` still is).
     exact_kl: bool = True
+    # agro_single's value head V(x) (a linear map of the policy's detached hidden state at the
+    # prompt's last token) has its own AdamW at this learning rate: it must track the scale of
+    # the regularised reward within tens of steps, which the policy's lr (1e-5) would not do.
+    value_lr: float = 1e-2
     seed: int = 0
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # merged over the generated config
 
@@ -202,9 +206,42 @@ class Learner:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=params, config=ds_config)
         if self.engine.device.type == "cuda":
             self.ref.to(self.engine.device)
+        self.value_head, self.value_opt = self._make_value_head(model.config.hidden_size)
         self.version = 0  # optimizer steps applied = the policy version it publishes
         self.skipped_batches = 0
         self._ref_cache: "collections.OrderedDict[str, List[torch.Tensor]]" = collections.OrderedDict()
+
+    def _make_value_head(self, hidden: int):
+        """V(x) for ``agro_single``: Linear(hidden, 1), zero-initialised, on the detached prompt state,
+        so its loss trains the head alone (the policy's gradient is that of Eq. 4 with V as a
+        baseline, unbiased for any V). Identical on every rank (gradients are averaged)."""
+        if self.cfg.loss != "agro_single":
+            return None, None
+        head = torch.nn.Linear(hidden, 1, dtype=torch.float32, device=self.engine.device)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        opt = torch.optim.AdamW(head.parameters(), lr=self.cfg.value_lr, weight_decay=0.0)
+        return head, opt
+
+    def _values(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """V(x) per row: the head on the hidden state that predicts the first response token
+        (the prompt's last position), detached."""
+        first = mask.float().argmax(dim=-1)
+        hx = h[torch.arange(h.shape[0], device=h.device), first].detach().float()
+        return self.value_head(hx).squeeze(-1)
+
+    def _value_step(self, applied: bool) -> None:
+        if self.value_head is None:
+            return
+        params = list(self.value_head.parameters())
+        if applied:
+            if self.world > 1:
+                for p in params:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad.div_(self.world)
+            self.value_opt.step()
+        self.value_opt.zero_grad(set_to_none=True)
 
     def _ds_config(self) -> Dict[str, Any]:
         cfg = self.cfg
@@ -329,11 +366,14 @@ class Learner:
                 W = self.module.get_output_embeddings().weight
                 kl = token_kl(h[mask], W, ref_h[mask], self.ref.get_output_embeddings().weight, chunk=cfg.logprob_chunk)
                 opts["token_kl"] = torch.zeros(mask.shape, dtype=kl.dtype, device=dev).masked_scatter(mask, kl)
-            elif cfg.exact_kl:
+            if self.value_head is not None:
+                opts["values"] = self._values(h, mask)
+            if not self.need_token_kl and cfg.exact_kl:
                 kl = token_kl_metric(h[mask].detach(), self.module.get_output_embeddings(), ref_h[mask],
                                      self.ref.get_output_embeddings(), chunk=cfg.logprob_chunk)
             loss, m = self.loss_fn(logps, ref_lp.to(dev), mask, mb.rewards.to(dev), group_size=mb.group_size, beta=cfg.beta, **opts)
             m = dict(m)
+            m["loss"] = loss.detach()  # the surrogate whose gradient is applied (the sum of the loss_* parts)
             m["log_ratio"] = m.pop("log_ratio_mean")  # mean sequence log pi(y)/pi_ref(y): a KL estimate on-policy only
             if kl is not None and cfg.exact_kl:
                 seq_kl = torch.zeros(mask.shape, dtype=torch.float32, device=dev).masked_scatter(mask, kl.detach().float()).sum(-1)
@@ -357,6 +397,7 @@ class Learner:
         t = time.perf_counter()
         self.engine.step()
         applied = self.engine.was_step_applied()
+        self._value_step(applied)
         times["optimizer_s"] += time.perf_counter() - t
         if applied:
             self.version += 1
@@ -447,6 +488,8 @@ class Learner:
         dist.barrier()
         self.engine.save_checkpoint(tmp, tag="ds", save_latest=False)
         torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+        if self.value_head is not None and self.rank == 0:  # the same on every rank
+            torch.save({"head": self.value_head.state_dict(), "opt": self.value_opt.state_dict()}, os.path.join(tmp, "value_head.pt"))
         version, sd = self.publish()
         if self.rank == 0:
             hf = os.path.join(tmp, "hf")
@@ -498,6 +541,13 @@ class Learner:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {path}/ds")
         _set_rng_state(torch.load(os.path.join(path, f"rng_rank{self.rank}.pt"), weights_only=False))
+        if self.value_head is not None:
+            vh = os.path.join(path, "value_head.pt")
+            if not os.path.exists(vh):
+                raise FileNotFoundError(f"checkpoint {path} has no value head (value_head.pt): it was not written by an agro_single run")
+            state = torch.load(vh, weights_only=True, map_location=self.engine.device)
+            self.value_head.load_state_dict(state["head"])
+            self.value_opt.load_state_dict(state["opt"])
         self.version = int(meta["version"])
         self.skipped_batches = int(meta["skipped_batches"])
         self._ref_cache.clear()

@@ -56,3 +56,14 @@ def test_the_readme_run_trains_the_default_model(tmp_path, name, args):
         assert b["served_replay"] > 0 and any(float(r["replay_fraction"]) > 0 for r in rows)
         assert any(r["replay_age_mean"] != "" for r in rows)
     assert os.path.exists(run / "checkpoints" / "latest")
+    if name == "sync":
+        # The model the run prints is usable as it is (issue 19): tokenizer, chat template, card; transformers
+        # and vLLM agree on a greedy completion given only the folder.
+        hf = str(run / "checkpoints" / open(run / "checkpoints" / "latest").read().strip() / "hf")
+        assert f"model: {hf}" in p.stdout
+        chk = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "hf_folder_check.py"), hf], capture_output=True, text=True,
+                             timeout=600, env=_env())
+        assert chk.returncode == 0, chk.stdout[-2000:] + chk.stderr[-3000:]
+        got = json.loads(chk.stdout.split("HF_FOLDER_CHECK ", 1)[1])
+        assert got["chat_template"] and got["hf"] == got["vllm"] and got["text"].strip(), got
+        assert "HuggingFaceTB/SmolLM2-135M-Instruct" in open(os.path.join(hf, "README.md")).read()
