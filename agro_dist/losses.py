@@ -75,6 +75,20 @@ def needs_token_kl(name: str, **options) -> bool:
     return name == "kl_pg" or options.get("kl_estimator") == "local"
 
 
+def min_group_size(name: str) -> int:
+    """Smallest group a loss can use: 2 for the leave-one-out baselines (and DPO's pairs, GRPO's
+    group std), 1 for ``agro_single`` (its value head is the baseline)."""
+    get_loss(name)
+    return 1 if name == "agro_single" else 2
+
+
+def needs_behaviour_logprobs(name: str) -> bool:
+    """Whether a loss uses the sampler's log-probs: ``grpo``'s ratio ``pi / mu`` (its
+    ``old_logps``). AGRO's losses never do."""
+    get_loss(name)
+    return name == "grpo"
+
+
 # --------------------------------------------------------------------------- validation
 
 

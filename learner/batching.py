@@ -26,7 +26,13 @@ class MicroBatch:
     behaviour_logps: torch.Tensor  # [R, L-1] float32, 0 off the response
     rewards: torch.Tensor  # [R] float64
     group_ids: List[str]
-    group_size: int
+    group_sizes: List[int]  # completions of each group, in row order (groups may differ in size)
+    has_behaviour: torch.Tensor  # [R] bool: the row's data carries its sampler's log-probs
+
+    @property
+    def group_size(self) -> int:
+        """The common group size (0 when the groups differ in size)."""
+        return self.group_sizes[0] if len(set(self.group_sizes)) == 1 else 0
 
     @property
     def num_rows(self) -> int:
@@ -45,24 +51,29 @@ class MicroBatch:
         return int(self.attention_mask.sum())
 
 
-def check_groups(groups: Sequence[Group]) -> int:
-    """All groups must have the same number of completions (>= 1); returns it."""
+def check_groups(groups: Sequence[Group], min_size: int = 1) -> List[int]:
+    """Groups need at least ``min_size`` completions and finite rewards; returns their sizes
+    (they may differ: logged data)."""
     if not groups:
         raise ValueError("no groups to train on")
-    sizes = {g.n for g in groups}
-    if len(sizes) != 1:
-        raise ValueError(f"groups in one batch must have the same number of completions, got sizes {sorted(sizes)}")
     for g in groups:
+        if g.n < min_size:
+            raise ValueError(f"group {g.group_id}: {g.n} completion(s), this loss needs groups of >= {min_size}")
         r = g.rewards
         if not np.isfinite(r).all():
             raise ValueError(f"group {g.group_id}: non-finite reward {r.tolist()}")
-    return sizes.pop()
+    return [g.n for g in groups]
+
+
+def has_behaviour_logprobs(g: Group) -> bool:
+    """Generators record their sampler's log-probs; logged data may not (then they are zeros)."""
+    return bool(g.metadata.get("behaviour_logprobs", True))
 
 
 def collate(groups: Sequence[Group], *, pad_id: int = 0, pad_to: Optional[int] = None, pad_multiple: int = 1) -> MicroBatch:
     """Pad whole groups into one micro-batch (``pad_to``: a minimum padded length;
     ``pad_multiple``: round the padded length up to a multiple, e.g. 64 on GPUs)."""
-    n = check_groups(groups)
+    sizes = check_groups(groups)
     rows = []
     for g in groups:
         p = np.asarray(g.prompt_token_ids, dtype=np.int64)
@@ -92,5 +103,6 @@ def collate(groups: Sequence[Group], *, pad_id: int = 0, pad_to: Optional[int] =
         behaviour_logps=torch.from_numpy(beh),
         rewards=torch.tensor([r for *_, r in rows], dtype=torch.float64),
         group_ids=[g.group_id for g in groups],
-        group_size=n,
+        group_sizes=sizes,
+        has_behaviour=torch.tensor([has_behaviour_logprobs(g) for g in groups for _ in range(g.n)], dtype=torch.bool),
     )

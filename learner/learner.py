@@ -32,12 +32,12 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from agro_dist.losses import get_loss, needs_token_kl  # noqa: E402
+from agro_dist.losses import get_loss, min_group_size, needs_behaviour_logprobs, needs_token_kl  # noqa: E402
 from agro_dist.model_card import copy_tokenizer, write_model_card  # noqa: E402
 from agro_dist.models import resolve_model  # noqa: E402
 from agro_dist.records import Group  # noqa: E402
 
-from .batching import MicroBatch, check_groups, collate  # noqa: E402
+from .batching import MicroBatch, check_groups, collate, has_behaviour_logprobs  # noqa: E402
 from .logprobs import chunked_logprobs, module_chunked_logprobs, token_kl, token_kl_metric  # noqa: E402
 
 log = logging.getLogger("agro_dist.learner")
@@ -161,6 +161,8 @@ class Learner:
         self.loss_fn = get_loss(cfg.loss)
         self.need_token_kl = needs_token_kl(cfg.loss, **cfg.loss_options)
         self.need_ref_hidden = self.need_token_kl or cfg.exact_kl
+        self.min_group_size = min_group_size(cfg.loss)
+        self.need_behaviour = needs_behaviour_logprobs(cfg.loss)
         self.model_path = model_path = resolve_model(cfg.model)  # "default": the embedded SmolLM2
         ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
         _init_distributed()
@@ -341,12 +343,15 @@ class Learner:
         per_rank = cfg.batch_groups // self.world
         if len(groups) != per_rank:
             raise ValueError(f"train_step wants this rank's {per_rank} groups (batch_groups / world_size), got {len(groups)}")
-        check_groups(groups)
+        check_groups(groups, self.min_group_size)
+        if self.need_behaviour and not all(has_behaviour_logprobs(g) for g in groups):
+            raise ValueError(f"{cfg.loss} needs the sampler's log-probs of every completion; these groups have none (logged data "
+                             "without behavior_logprobs): use agro_off, which needs none")
         chunks = [groups[s:s + cfg.micro_groups] for s in range(0, len(groups), cfg.micro_groups)]
         mbs = [collate(c, pad_id=self.pad_id, pad_multiple=cfg.pad_to_multiple_of) for c in chunks]
         times = collections.Counter()
         sums: Dict[str, float] = collections.defaultdict(float)
-        ent_sum, ent_n, drift_sum = 0.0, 0, 0.0
+        ent_sum, ent_n, drift_sum, drift_n = 0.0, 0, 0.0, 0
         bad = False
         self.engine.train()
         lr = lr_at(cfg, self.version)
@@ -368,10 +373,12 @@ class Learner:
                 opts["token_kl"] = torch.zeros(mask.shape, dtype=kl.dtype, device=dev).masked_scatter(mask, kl)
             if self.value_head is not None:
                 opts["values"] = self._values(h, mask)
+            if self.need_behaviour:  # grpo's ratio pi / mu against the sampler that made the data
+                opts["old_logps"] = mb.behaviour_logps.to(dev)
             if not self.need_token_kl and cfg.exact_kl:
                 kl = token_kl_metric(h[mask].detach(), self.module.get_output_embeddings(), ref_h[mask],
                                      self.ref.get_output_embeddings(), chunk=cfg.logprob_chunk)
-            loss, m = self.loss_fn(logps, ref_lp.to(dev), mask, mb.rewards.to(dev), group_size=mb.group_size, beta=cfg.beta, **opts)
+            loss, m = self._loss(logps, ref_lp.to(dev), mask, mb, opts)
             m = dict(m)
             m["loss"] = loss.detach()  # the surrogate whose gradient is applied (the sum of the loss_* parts)
             m["log_ratio"] = m.pop("log_ratio_mean")  # mean sequence log pi(y)/pi_ref(y): a KL estimate on-policy only
@@ -393,7 +400,9 @@ class Learner:
                 sums[k] += float(v) * weight
             ent_sum += float(ent.sum())
             ent_n += int(ent.numel())
-            drift_sum += float(((logps.detach().float().cpu() - mb.behaviour_logps) * mb.resp_mask).sum())
+            beh = mb.resp_mask & mb.has_behaviour[:, None]
+            drift_sum += float(((logps.detach().float().cpu() - mb.behaviour_logps) * beh).sum())
+            drift_n += int(beh.sum())
         t = time.perf_counter()
         self.engine.step()
         applied = self.engine.was_step_applied()
@@ -414,7 +423,7 @@ class Learner:
             lr=lr,
             grad_norm=self._grad_norm(),
             entropy=ent_sum / max(ent_n, 1),
-            policy_minus_behaviour_logp=drift_sum / max(tokens, 1),  # drift of the data's sampler from pi
+            policy_minus_behaviour_logp=drift_sum / drift_n if drift_n else float("nan"),  # drift of the data's sampler from pi
             response_tokens=float(tokens),
             tokens_per_s=tokens / total,
             wait_s=wait_s,
@@ -428,6 +437,30 @@ class Learner:
         if replay_fraction is not None:
             out["replay_fraction"] = float(replay_fraction)
         return out
+
+    def _loss(self, logps, ref_lp, mask, mb: MicroBatch, opts: Dict[str, Any]):
+        """The loss of one micro-batch: the mean over its prompts. Groups of different sizes
+        (logged data) are scored per size class, each weighted by its share of the prompts."""
+        cfg = self.cfg
+        rewards = mb.rewards.to(logps.device)
+        if mb.group_size:
+            return self.loss_fn(logps, ref_lp, mask, rewards, group_size=mb.group_size, beta=cfg.beta, **opts)
+        starts = [0]
+        for n in mb.group_sizes:
+            starts.append(starts[-1] + n)
+        total, metrics = None, collections.defaultdict(float)
+        for n in sorted(set(mb.group_sizes)):
+            rows = [r for g, k in enumerate(mb.group_sizes) if k == n for r in range(starts[g], starts[g] + n)]
+            idx = torch.tensor(rows, device=logps.device)
+            sub = {k: (v.index_select(0, idx) if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == logps.shape[0] else v)
+                   for k, v in opts.items()}
+            loss, m = self.loss_fn(logps.index_select(0, idx), ref_lp.index_select(0, idx), mask.index_select(0, idx),
+                                   rewards.index_select(0, idx), group_size=n, beta=cfg.beta, **sub)
+            w = mb.group_sizes.count(n) / len(mb.group_sizes)
+            total = loss * w if total is None else total + loss * w
+            for k, v in m.items():
+                metrics[k] = metrics[k] + v * w
+        return total, dict(metrics)
 
     def _grad_norm(self) -> float:
         if isinstance(self.engine.optimizer, GuardedAdamW):

@@ -77,10 +77,32 @@ def test_collate_places_responses_at_their_target_positions():
             assert mb.attention_mask[r].sum() == P + T
             assert torch.allclose(mb.behaviour_logps[r][mb.resp_mask[r]], torch.as_tensor(c.logprobs))
             r += 1
-    bad = batch_for_step(1, 2)
-    bad[1].completions.pop()
-    with pytest.raises(ValueError, match="same number of completions"):
-        collate(bad)
+    mixed = batch_for_step(1, 2)
+    mixed[1].completions.pop()  # logged data: groups of different sizes
+    mb = collate(mixed)
+    assert mb.group_sizes == [4, 3] and mb.group_size == 0 and mb.num_rows == 7
+
+
+@pytest.mark.parametrize("loss", ["agro_off", "rloo"])
+def test_groups_of_different_sizes_train_on_the_mean_over_prompts(tiny_model, loss):
+    """Mixed sizes in one micro-batch (scored per size class, weighted by prompts) equal each group's
+    loss alone, averaged over the batch's prompts (the plain loop with one group per micro-batch)."""
+    batches = [batch_for_step(s, 4) for s in range(2)]
+    for b in batches:
+        for g, n in zip(b, (4, 3, 2, 3)):
+            del g.completions[n:]
+    learner = make_learner(tiny_model, loss=loss, micro_groups=2, adam_eps=1e-4)
+    for b in batches:
+        assert learner.train_step(b)["skipped"] == 0
+    _, got = learner.publish()
+    want = plain_pytorch_steps(tiny_model, batches, loss=loss, micro_groups=1)
+    diff = max((got[k] - want[k]).abs().max().item() for k in want)
+    assert diff < 1e-6, diff
+    # A group of one completion has no leave-one-out baseline: refused by the losses that need one.
+    short = batch_for_step(2, 4)
+    del short[0].completions[1:]
+    with pytest.raises(ValueError, match="needs groups of >= 2"):
+        learner.train_step(short)
 
 
 # ----------------------------------------------------------------------------- the update
