@@ -31,6 +31,7 @@ class RunConfig:
     seed: int = 0
     mode: str = "sync"
     steps: int = 40
+    epochs: float = 0.0
     max_samples: int = 0
     max_minutes: float = 0.0
     sync_every: int = 1
@@ -52,6 +53,12 @@ class RunConfig:
     step_timeout_s: float = 900.0
     tensorboard: bool = True
     plots: bool = True
+
+
+@dataclass
+class DataSection:
+    path: Optional[str] = None
+    shuffle: bool = True
 
 
 @dataclass
@@ -91,7 +98,7 @@ _HIDDEN = {"generator": {"model", "seed", "generator_id"}, "learner": {"model", 
 _GENERATOR_DEFAULTS = dict(n=4, temperature=0.7, max_tokens=12, prompts_per_call=8)
 _LEARNER_DEFAULTS = dict(lr=1e-5, beta=0.05, batch_groups=8, micro_groups=4, grad_clip=1.0)
 
-SECTIONS = {"run": RunConfig, "generator": GeneratorConfig, "learner": LearnerConfig, "buffer": BufferSection,
+SECTIONS = {"run": RunConfig, "generator": GeneratorConfig, "learner": LearnerConfig, "data": DataSection, "buffer": BufferSection,
             "resources": ResourcesSection}
 
 HELP: Dict[str, str] = {
@@ -100,8 +107,10 @@ HELP: Dict[str, str] = {
     "run.name": "run name: outputs go to output_dir/name; also names the Ray actors and the buffer",
     "run.output_dir": "parent folder of run folders",
     "run.seed": "seed of the learner, the generators (seed + index) and the buffer's replay draws",
-    "run.mode": "sync: generators wait for every new version, p = 0 (on-policy); async: generators run ahead, bounded by max_staleness",
+    "run.mode": "sync: generators wait for every new version, p = 0 (on-policy); async: generators run ahead, bounded by max_staleness; "
+                "frozen: generators keep the initial weights (pi_ref), staleness grows; offline: train from data.path, no generators",
     "run.steps": "learner steps (optimizer updates) to run; 0 = no step limit",
+    "run.epochs": "offline: passes over data.path (the first budget reached stops the run; set run.steps 0 for epochs only); 0 = no limit",
     "run.max_samples": "stop after this many trained completions; 0 = no limit",
     "run.max_minutes": "stop after this many minutes of training; 0 = no limit",
     "run.sync_every": "publish weights to the generators every k learner steps (1 in sync mode)",
@@ -123,6 +132,9 @@ HELP: Dict[str, str] = {
     "run.step_timeout_s": "a learner step (including waiting for data) longer than this fails the run",
     "run.tensorboard": "write TensorBoard event files to the run folder",
     "run.plots": "write training.png (reward, accuracy, KL, staleness) at the end",
+    # data
+    "data.path": "run.mode offline: a file of logged generations (JSONL or Parquet; format in agro_dist/data.py and the README)",
+    "data.shuffle": "offline: shuffle the groups every epoch (seeded by run.seed); false = file order",
     # buffer
     "buffer.redis_url": "use this Redis (redis://host:port/db); default: start a private one on 127.0.0.1 (never port 6379)",
     "buffer.redis_port": "port of the private Redis; 0 = a free port",
@@ -195,6 +207,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     generator: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(**_GENERATOR_DEFAULTS))
     learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(model="default", **_LEARNER_DEFAULTS))
+    data: DataSection = field(default_factory=DataSection)
     buffer: BufferSection = field(default_factory=BufferSection)
     resources: ResourcesSection = field(default_factory=ResourcesSection)
 
@@ -353,8 +366,15 @@ def resume_config(cfg: Config, given: Dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     r, res, lc = cfg.run, cfg.resources, cfg.learner
-    if r.mode not in ("sync", "async"):
-        raise ConfigError(f"run.mode must be sync or async, got {r.mode!r}")
+    if r.mode not in ("sync", "async", "frozen", "offline"):
+        raise ConfigError(f"run.mode must be sync, async, frozen or offline, got {r.mode!r}")
+    if (r.mode == "offline") != bool(cfg.data.path):
+        raise ConfigError("run.mode=offline trains from data.path: give both (--run.mode offline --data.path FILE)" if r.mode == "offline"
+                          else f"data.path is read in run.mode=offline only (run.mode is {r.mode})")
+    if r.epochs < 0:
+        raise ConfigError(f"run.epochs must be >= 0, got {r.epochs}")
+    if r.mode == "offline" and r.replay_prob:
+        raise ConfigError("run.replay_prob applies to generated data (async, frozen); offline runs pass over data.path in epochs")
     if r.mode == "sync" and (r.replay_prob != 0.0 or r.sync_every != 1):
         raise ConfigError("run.mode=sync is on-policy: it needs run.replay_prob=0 and run.sync_every=1 (use run.mode=async for replay)")
     if r.connect_timeout_s <= 0 or r.startup_timeout_s <= 0:
@@ -365,8 +385,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.max_staleness must be >= 0 or null, got {r.max_staleness}")
     if r.sync_every < 1:
         raise ConfigError(f"run.sync_every must be >= 1, got {r.sync_every}")
-    if not (r.steps or r.max_samples or r.max_minutes):
-        raise ConfigError("set a budget: run.steps, run.max_samples or run.max_minutes")
+    if not (r.steps or r.max_samples or r.max_minutes or (r.mode == "offline" and r.epochs)):
+        raise ConfigError("set a budget: run.steps, run.max_samples, run.max_minutes (or run.epochs offline)")
     if res.num_generators < 1 or res.learner_ranks < 1:
         raise ConfigError("resources.num_generators and resources.learner_ranks must be >= 1")
     if lc.batch_groups % res.learner_ranks or (lc.batch_groups // res.learner_ranks) % lc.micro_groups:
@@ -395,9 +415,17 @@ def check_tasks(cfg: Config) -> None:
             raise ConfigError(f"{what}={name} (path {path}): {err}") from None
 
     g = cfg.generator
+    if g.reward_fn:
+        from agro_dist.rewards import resolve_reward_fn
+
+        try:
+            resolve_reward_fn(g.reward_fn)
+        except ValueError as err:
+            raise ConfigError(f"generator.reward_fn: {err}") from None
     task = load_as("generator.task", g.task, g.task_path, g.task_options)
     try:
-        next(task.train(seed=cfg.run.seed))
+        if cfg.run.mode != "offline":  # offline trains on data.path; the task only evaluates
+            next(task.train(seed=cfg.run.seed))
     except (ValueError, StopIteration):
         hint = (" (MATH-500 is an evaluation set: train on math, e.g. --generator.task math --generator.task_path "
                 "../shared/data/math, and evaluate with --run.eval_task math500 --run.eval_task_path ../shared/data/math500)"

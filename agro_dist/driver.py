@@ -26,6 +26,7 @@ the private Redis's append-only file).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -62,8 +63,13 @@ def _ray_errors():
 
 
 class Driver:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, data: Optional[List[Any]] = None):
         self.cfg = cfg
+        # run.mode offline: the logged groups (loaded and checked before start), the number of
+        # groups trained so far (the cursor over epochs), this epoch's order.
+        self.data = data
+        self._consumed = 0
+        self._order: Tuple[int, List[int]] = (-1, [])
         self.run_dir = os.path.abspath(cfg.run_dir)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         self.step = 0
@@ -108,16 +114,20 @@ class Driver:
         self._check_model()
         self._start_ray()
         self._check_resources()
-        self._start_buffer()
+        self.buffer_url, self.buffer_options = None, {}
+        if cfg.run.mode != "offline":  # offline: the learner reads the file's groups from the driver
+            self._start_buffer()
         self.monitor = RunMonitor(self.run_dir, cfg.run.name, resume=resume, tensorboard=cfg.run.tensorboard)
         t = time.perf_counter()
-        self._start_generators()
+        if cfg.run.mode != "offline":
+            self._start_generators()
         self._start_learner()
         self._start_evaluator()
         meta = self._restore() if resume else {}
         self.started = True
         log.info("started %d generator(s), %d learner rank(s), an eval actor in %.0f s; buffer %s; run folder %s",
-                 len(self.generators), len(self.learners), time.perf_counter() - t, self.buffer_url, self.run_dir)
+                 len(self.generators), len(self.learners), time.perf_counter() - t,
+                 self.buffer_url or f"none (offline: {self.cfg.data.path})", self.run_dir)
         if meta:
             log.info("resumed at step %d (version %d, %d samples)", self.step, self.version, self.samples)
 
@@ -193,7 +203,7 @@ class Driver:
 
     def _demand(self) -> Dict[str, float]:
         r = self.cfg.resources
-        G, N = r.num_generators, r.learner_ranks
+        G, N = (0 if self.cfg.run.mode == "offline" else r.num_generators), r.learner_ranks
         return {
             "CPU": G * r.generator_cpus + N * r.learner_cpus + r.eval_cpus,
             "GPU": G * r.generator_gpus + N * r.learner_gpus + r.eval_gpus,
@@ -239,8 +249,10 @@ class Driver:
                 raise StartupError(f"cannot start the private Redis (buffer.redis_port={b.redis_port}): {e}") from None
             url = self.redis.url
         self.buffer_url = url
+        # Frozen generators fall further behind every step: no staleness bound (it is recorded).
+        max_staleness = None if self.cfg.run.mode == "frozen" else self.cfg.run.max_staleness
         self.buffer_options = dict(name=self.cfg.run.name, seed=self.cfg.run.seed, replay_prob=self.cfg.run.replay_prob,
-                                   max_staleness=self.cfg.run.max_staleness, history_max_groups=b.history_max_groups,
+                                   max_staleness=max_staleness, history_max_groups=b.history_max_groups,
                                    history_max_bytes=b.history_max_bytes, claim_idle_s=b.claim_idle_s,
                                    timeout_s=self.cfg.run.step_timeout_s)
         # The driver's own handle: monitoring only (it never samples).
@@ -342,8 +354,9 @@ class Driver:
             extra = meta.get("extra") or {}
             self.step, self.samples = int(extra.get("step", meta["version"])), int(extra.get("samples", 0))
             self.elapsed_before = float(extra.get("elapsed_s", 0.0))
+            self._consumed = int(extra.get("consumed", 0))  # offline: where in the data the checkpoint was
         else:
-            self.step, self.samples = 0, 0
+            self.step, self.samples, self._consumed = 0, 0, 0
         self._broadcast(wait=True)
         return meta
 
@@ -366,6 +379,8 @@ class Driver:
         sends = [self._send_weights(g) for g in self.generators]
         if wait:
             for i, ref in enumerate(sends):
+                if ref is None:
+                    continue
                 try:
                     ray.get(ref)
                 except _ray_errors() as e:
@@ -373,10 +388,41 @@ class Driver:
         return time.perf_counter() - t
 
     def _send_weights(self, gen) -> Any:
+        if self.cfg.run.mode == "frozen":  # frozen generators keep the initial weights (a restart reloads them)
+            return None
         return gen.update_weights.remote(self.latest[0], self.latest[1]) if self.latest else None
 
     def _learner_step(self, p: Optional[float]) -> List[Any]:
         return [a.step_from_buffer.remote(p=p) for a in self.learners]
+
+    def _offline_batch(self) -> List[Any]:
+        """The next ``batch_groups`` logged groups: epoch after epoch, each a fresh seeded shuffle
+        (``data.shuffle``), a batch running on into the next epoch where one ends."""
+        import random
+
+        N, out = len(self.data), []
+        for _ in range(self.cfg.learner.batch_groups):
+            epoch, i = divmod(self._consumed, N)
+            if self._order[0] != epoch:
+                order = list(range(N))
+                if self.cfg.data.shuffle:
+                    random.Random(f"{self.cfg.run.seed}:{epoch}").shuffle(order)
+                self._order = (epoch, order)
+            out.append(self.data[self._order[1][i]])
+            self._consumed += 1
+        return out
+
+    def _offline_step(self) -> Tuple[List[Any], int]:
+        """Offline: the learner ranks train on the next batch of the file (each its share); returns
+        the step refs and the completions in the batch."""
+        batch = self._offline_batch()
+        k = len(batch) // len(self.learners)
+        refs = [a.train_step.remote(batch[r * k:(r + 1) * k], replay_fraction=0.0) for r, a in enumerate(self.learners)]
+        return refs, sum(g.n for g in batch)
+
+    @property
+    def epochs_done(self) -> float:
+        return self._consumed / len(self.data) if self.data else 0.0
 
     def _collect_step(self, refs) -> Dict[str, float]:
         try:
@@ -416,15 +462,21 @@ class Driver:
         """What the checkpoint's model card says about the run (the learner adds loss, beta, steps)."""
         g, r = self.cfg.generator, self.cfg.run
         evals = [{k: e[k] for k in ("version", "greedy_accuracy", "sampled_accuracy", "eval_problems")} for e in self.evals]
+        if r.mode == "offline":  # trained on a file; the task is what it is evaluated on
+            g = dataclasses.replace(g, task=f"logged generations `{self.cfg.data.path}` ({len(self.data)} groups; evaluated on {g.task})",
+                                    task_path=None, task_options={})
         return dict(base_model=self.cfg.model, task=g.task, task_path=g.task_path, task_options=g.task_options, reward_fn=g.reward_fn, mode=r.mode,
                     replay_prob=r.replay_prob, samples=self.samples, before=evals[0] if evals else None,
                     after=evals[-1] if len(evals) > 1 else None)
 
     def _checkpoint(self, elapsed: float) -> None:
-        extra = dict(step=self.step, samples=self.samples, elapsed_s=elapsed, card=self._card())
+        extra = dict(step=self.step, samples=self.samples, elapsed_s=elapsed, consumed=self._consumed, card=self._card())
         ray.get([a.save_checkpoint.remote(self.ckpt_dir, extra) for a in self.learners])
 
     def _eval_submit(self):
+        if self.cfg.run.mode in ("offline", "frozen"):  # no per-step broadcast: publish the weights the eval needs
+            if not self.latest or self.latest[0] != int(ray.get(self.learners[0].version.remote())):
+                self._publish()
         if self.latest:
             self.evaluator.update_weights.remote(self.latest[0], self.latest[1])
         c = self.cfg.run
@@ -461,7 +513,7 @@ class Driver:
 
     def _row(self, m: Dict[str, float], elapsed: float, sync_s: float) -> Tuple[Dict[str, float], Dict[int, int]]:
         """The step's train.csv row, and the groups trained since the last row by staleness."""
-        s = self.buffer.stats()
+        s = self._buffer_stats()
         # Generation speed while generating (tokens / engine seconds, summed over generators, as
         # the learner's trained tokens/s is per second of its step).
         G = len(self.generators)
@@ -472,7 +524,7 @@ class Driver:
         new_stale = {k: v - self._stale_seen.get(k, 0) for k, v in hist.items() if v - self._stale_seen.get(k, 0) > 0}
         self._stale_seen = dict(hist)
         row = dict(
-            step=self.step, version=int(m["version"]), samples=self.samples, elapsed_s=elapsed,
+            step=self.step, version=int(m["version"]), samples=self.samples, elapsed_s=elapsed, epoch=self.epochs_done if self.data else None,
             reward_mean=m.get("reward_mean"), kl=m.get("kl"), log_ratio=m.get("log_ratio"), reg_reward_mean=m.get("reg_reward_mean"),
             loss=m.get("consistency_loss", m.get("loss")), entropy=m.get("entropy"), grad_norm=m.get("grad_norm"), lr=m.get("lr"),
             response_len_mean=m.get("response_len_mean"), behaviour_drift=m.get("policy_minus_behaviour_logp"),
@@ -486,10 +538,16 @@ class Driver:
         )
         return row, new_stale
 
+    def _buffer_stats(self) -> Dict[str, Any]:
+        if self.buffer is None:  # offline: no buffer
+            return dict(fresh_backlog=0, history_groups=0, stale_skipped=0, put_groups=0, staleness_hist={}, served_replay=0)
+        return self.buffer.stats()
+
     def _done(self, elapsed: float) -> bool:
         r = self.cfg.run
         return bool((r.steps and self.step >= r.steps) or (r.max_samples and self.samples >= r.max_samples)
-                    or (r.max_minutes and elapsed >= 60 * r.max_minutes))
+                    or (r.max_minutes and elapsed >= 60 * r.max_minutes)
+                    or (r.mode == "offline" and r.epochs and self.epochs_done >= r.epochs - 1e-9))
 
     def _eta(self, elapsed: float) -> Optional[float]:
         r = self.cfg.run
@@ -500,6 +558,8 @@ class Driver:
             fr.append(self.samples / r.max_samples)
         if r.max_minutes:
             fr.append(elapsed / (60 * r.max_minutes))
+        if r.mode == "offline" and r.epochs:
+            fr.append(self.epochs_done / r.epochs)
         f = max(fr) if fr else 0
         return elapsed * (1 - f) / f if f > 0 else None
 
@@ -517,7 +577,7 @@ class Driver:
         n_completions = per_step * cfg.generator.n
         max_backlog = r.max_backlog_groups or 2 * per_step
         gen_refs: Dict[Any, int] = {}  # in-flight produce call -> generator index
-        if r.mode == "async":
+        if r.mode in ("async", "frozen"):
             for i, g in enumerate(self.generators):
                 gen_refs[g.produce.remote(1)] = i
         errors = _ray_errors()
@@ -526,9 +586,12 @@ class Driver:
         while True:
             while not self._done(elapsed()):
                 sync_s = 0.0
+                step_completions = n_completions
                 if r.mode == "sync":
                     self._produce_step(per_step)  # this step's groups, all with the current version
                     step_refs = self._learner_step(0.0)
+                elif r.mode == "offline":
+                    step_refs, step_completions = self._offline_step()
                 else:
                     step_refs = self._learner_step(None)
                 # Async: keep generators busy while the learner trains.
@@ -544,7 +607,7 @@ class Driver:
                                 self._gen_result(i, ray.get(ref))
                             except errors as e:
                                 self._gen_failed(i, e)
-                    if r.mode == "async":
+                    if r.mode in ("async", "frozen"):
                         self._refill(gen_refs, max_backlog)
                 # The learner can die anywhere in here (its step, publishing, checkpointing): rebuild it
                 # from the latest checkpoint and go on from that step.
@@ -554,8 +617,9 @@ class Driver:
                         log.warning("step skipped by the learner (non-finite loss or gradients); not counted")
                     else:
                         self.step += 1
-                        self.samples += n_completions
-                    if r.mode == "sync" or self.step % r.sync_every == 0:
+                        self.samples += step_completions
+                    # Generators follow the learner in sync and async mode (frozen ones never do; offline has none).
+                    if r.mode == "sync" or (r.mode == "async" and self.step % r.sync_every == 0):
                         sync_s = self._broadcast(wait=r.mode == "sync")
                     row, new_stale = self._row(m, elapsed(), sync_s)
                     self.monitor.train(row, new_stale)
@@ -589,7 +653,7 @@ class Driver:
             except Exception:
                 pass
         return dict(before=before, after=after, elapsed_s=elapsed(), steps=self.step, samples=self.samples,
-                    buffer=self.buffer.stats())
+                    buffer=self._buffer_stats(), epochs=self.epochs_done if self.data else None)
 
     def _produce_step(self, per_step: int) -> None:
         """Sync mode: the generators make exactly one step's groups with the current weights."""
@@ -701,6 +765,34 @@ def _first_line(e: BaseException) -> str:
     return (lines[-1] if lines else type(e).__name__)[:600]
 
 
+def load_offline(cfg: Config) -> List[Any]:
+    """run.mode offline: every group of data.path, checked, tokenised with the policy's tokenizer and
+    scored where rewards are missing, before anything starts (ConfigError: exit 2)."""
+    from transformers import AutoTokenizer
+
+    from agro_dist.data import LoggedDataError, load_logged
+    from agro_dist.losses import min_group_size, needs_behaviour_logprobs
+    from agro_dist.models import resolve_model
+    from agro_dist.tasks import load_task
+
+    g, loss = cfg.generator, cfg.learner.loss
+    t = time.perf_counter()
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+        reward_fn = g.reward_fn or load_task(g.task, g.task_path, **g.task_options).reward_fn
+        groups, stats = load_logged(cfg.data.path, tok, reward_fn=reward_fn, reward_timeout_s=g.reward_timeout_s,
+                                    min_group_size=min_group_size(loss), need_behaviour=needs_behaviour_logprobs(loss), loss=loss)
+    except LoggedDataError as e:
+        raise ConfigError(f"data.path: {e}") from None
+    if len(groups) < cfg.learner.batch_groups:
+        raise ConfigError(f"data.path: {len(groups)} usable groups, fewer than one batch (learner.batch_groups={cfg.learner.batch_groups})")
+    sizes = sorted({x.n for x in groups})
+    log.info("data %s: %d groups (sizes %s), %d completions, %d tokens; %d scored at load; %.1f steps per epoch; read in %.1f s",
+             cfg.data.path, len(groups), sizes, sum(x.n for x in groups), sum(x.num_tokens() for x in groups), stats["scored"],
+             len(groups) / cfg.learner.batch_groups, time.perf_counter() - t)
+    return groups
+
+
 def summary_table(result: Dict[str, Any]) -> str:
     b, a = result["before"], result["after"]
     lines = ["", "held-out accuracy      before   after   change",
@@ -723,12 +815,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if ns.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    data = None
     try:
         config_mod.check_tasks(cfg)  # data and task options, before anything starts
+        if cfg.run.mode == "offline":
+            data = load_offline(cfg)
     except ConfigError as e:
         print(f"agro_dist: error: {e}", file=sys.stderr)
         return 2
-    d = Driver(cfg)
+    d = Driver(cfg, data)
     try:
         d.start()
         result = d.train()

@@ -18,7 +18,7 @@ log = logging.getLogger("agro_dist")
 
 # Columns of train.csv, in order. Missing values are written empty.
 TRAIN_COLUMNS = [
-    "step", "version", "samples", "elapsed_s", "reward_mean", "kl", "log_ratio", "reg_reward_mean", "loss", "entropy", "grad_norm", "lr",
+    "step", "version", "samples", "elapsed_s", "epoch", "reward_mean", "kl", "log_ratio", "reg_reward_mean", "loss", "entropy", "grad_norm", "lr",
     "response_len_mean", "behaviour_drift", "fresh_staleness_mean", "fresh_staleness_max", "replay_age_mean", "replay_age_max",
     "replay_fraction", "skipped", "buffer_backlog", "buffer_history",
     "stale_skipped", "generated_groups", "generated_tokens_per_s", "trained_tokens_per_s", "step_s", "wait_s",
@@ -143,12 +143,14 @@ def progress_line(row: Dict[str, float], *, steps: int, last_eval: Optional[Dict
     ev = "-" if not last_eval else f"{100 * last_eval['sampled_accuracy']:.1f}% (v{int(last_eval['version'])})"
     total = f"/{steps}" if steps else ""
     eta = "" if eta_s is None else f", ~{_dur(eta_s)} left"
-    return (f"step {int(row['step'])}{total} | v{int(row['version'])} | samples {int(row['samples'])} | reward {g('reward_mean')} | "
-            f"kl {g('kl')} | eval {ev} | fresh stale {g('fresh_staleness_mean', '{:.2f}')} | replay {g('replay_fraction', '{:.2f}')}"
-            f"{replay_age} | "
-            f"backlog {g('buffer_backlog', '{:.0f}')} | gen {g('generated_tokens_per_s', '{:.0f}')} tok/s | "
-            f"train {g('trained_tokens_per_s', '{:.0f}')} tok/s | sync {g('weight_sync_s', '{:.2f}')}s | "
-            f"{_dur(row['elapsed_s'])}{eta}")
+    epoch = "" if row.get("epoch") is None else f" | epoch {row['epoch']:.2f}"
+    head = (f"step {int(row['step'])}{total}{epoch} | v{int(row['version'])} | samples {int(row['samples'])} | reward {g('reward_mean')} | "
+            f"kl {g('kl')} | eval {ev} | ")
+    # Generated data: how fresh it is, the replay, the buffer, the generators (offline has none of these).
+    gen = "" if epoch else (f"fresh stale {g('fresh_staleness_mean', '{:.2f}')} | replay {g('replay_fraction', '{:.2f}')}{replay_age} | "
+                            f"backlog {g('buffer_backlog', '{:.0f}')} | gen {g('generated_tokens_per_s', '{:.0f}')} tok/s | ")
+    sync = "" if epoch else f" | sync {g('weight_sync_s', '{:.2f}')}s"
+    return f"{head}{gen}train {g('trained_tokens_per_s', '{:.0f}')} tok/s{sync} | {_dur(row['elapsed_s'])}{eta}"
 
 
 def _dur(s: float) -> str:

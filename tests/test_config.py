@@ -30,7 +30,10 @@ def test_command_line_wins_over_the_file_which_wins_over_the_defaults(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--learner.lr", "fast"], "learner.lr must be float"),
-    (["--run.mode", "sometimes"], "run.mode must be sync or async"),
+    (["--run.mode", "sometimes"], "run.mode must be sync, async, frozen or offline"),
+    (["--run.mode", "offline"], "run.mode=offline trains from data.path"),
+    (["--data.path", "x.jsonl"], "data.path is read in run.mode=offline only"),
+    (["--run.mode", "offline", "--data.path", "x.jsonl", "--run.steps", "0"], "set a budget"),
     (["--run.replay_prob", "0.5"], "run.mode=sync is on-policy"),
     (["--run.mode", "async", "--run.replay_prob", "1.5"], "replay_prob must be in [0, 1]"),
     (["--learner.batch_groups", "6"], "must split into"),
@@ -78,4 +81,4 @@ def test_print_config_round_trips_through_the_file(tmp_path):
 
 def test_a_bad_command_line_exits_2_with_the_message():
     out = subprocess.run([sys.executable, "-m", "agro_dist", "--run.mode", "later"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert out.returncode == 2 and "agro_dist: error: run.mode must be sync or async" in out.stderr
+    assert out.returncode == 2 and "agro_dist: error: run.mode must be sync, async, frozen or offline" in out.stderr

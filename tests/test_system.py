@@ -243,6 +243,43 @@ def test_every_loss_and_task_preset_runs_through_the_driver(head, tiny_vllm_mode
         assert os.path.exists(ck / "step_00000002" / "value_head.pt")
 
 
+def test_offline_trains_from_a_file_written_by_data_sample_with_no_generator(head, tiny_vllm_model, tmp_path):
+    # The paper's offline setting: samples of pi_ref, written once, trained on for several epochs (issue 10).
+    data = tmp_path / "pi_ref.jsonl"
+    s = subprocess.run([sys.executable, "-m", "agro_dist.data", "sample", "--model", tiny_vllm_model, "--n", "2", "--prompts", "12",
+                        "--max-tokens", "8", "--max-model-len", "256", "--kv-cache-gb", "1", "--reward-fn", "reward_fns:even_length",
+                        "--out", str(data)], env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert s.returncode == 0, s.stdout[-2000:] + s.stderr[-3000:]
+    recs = [json.loads(x) for x in open(data)]
+    assert len(recs) == 12 and all(len(r["completions"]) == 2 and len(r["behavior_logprobs"]) == 2 for r in recs)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_vllm_model)
+    assert all(tok.encode(r["prompt"]) == r["prompt_ids"] for r in recs)  # the stated rule gives vLLM's prompt tokens
+    p = _train(head, _args(tiny_vllm_model, tmp_path, "off", "--run.mode", "offline", "--data.path", str(data), "--run.epochs", "2",
+                           "--run.steps", "0", "--run.eval_every", "3"))
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-3000:]
+    assert "started 0 generator(s)" in p.stdout and "offline-generator" not in p.stdout + p.stderr
+    rows = _rows(tmp_path / "off" / "train.csv")
+    # 12 groups, 4 per step: 3 steps an epoch, 2 epochs.
+    assert [int(r["step"]) for r in rows] == list(range(1, 7)) and [round(float(r["epoch"]), 2) for r in rows] == [0.33, 0.67, 1.0, 1.33, 1.67, 2.0]
+    assert all(float(r["kl"]) >= 0 for r in rows) and float(rows[-1]["kl"]) > 0  # it trained away from pi_ref
+    assert [int(r["version"]) for r in _rows(tmp_path / "off" / "eval.csv")] == [0, 3, 6]
+    assert json.load(open(tmp_path / "off" / "summary.json"))["epochs"] == 2.0
+    assert "logged generations" in open(_final_hf(tmp_path / "off") + "/README.md").read()
+
+
+def test_frozen_generators_keep_the_initial_weights_and_staleness_grows(head, tiny_vllm_model, tmp_path):
+    p = _train(head, _args(tiny_vllm_model, tmp_path, "frz", "--run.mode", "frozen", "--run.steps", "6", "--run.eval_every", "0",
+                           "--run.max_backlog_groups", "4"))
+    rows, summary = _check_run(p, tmp_path / "frz", tiny_vllm_model, 6)
+    st = [float(r["fresh_staleness_max"]) for r in rows]
+    # Every group comes from version 0 (pi_ref), so a group trained at step k is k - 1 versions old:
+    # staleness grows without bound (max_staleness does not apply) and is recorded.
+    assert st == sorted(st) and st[0] == 0 and st[-1] == 5, st
+    assert set(map(int, summary["buffer"]["staleness_hist"])) == set(range(6))
+
+
 def _train_and_kill(head, args, run_dir, actor_name, after_rows):
     """Run the driver; once train.csv has ``after_rows`` rows, SIGKILL the actor's process (a
     crash, not a polite shutdown). Returns (exit status, the driver's output)."""

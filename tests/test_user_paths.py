@@ -67,3 +67,20 @@ def test_the_readme_run_trains_the_default_model(tmp_path, name, args):
         got = json.loads(chk.stdout.split("HF_FOLDER_CHECK ", 1)[1])
         assert got["chat_template"] and got["hf"] == got["vllm"] and got["text"].strip(), got
         assert "HuggingFaceTB/SmolLM2-135M-Instruct" in open(os.path.join(hf, "README.md")).read()
+
+
+def test_the_readme_offline_run_trains_the_default_model_from_its_own_samples(tmp_path):
+    # The README's two commands: write pi_ref samples, then train on them with no generator (issue 10).
+    data = tmp_path / "pi_ref.jsonl"
+    s = subprocess.run([sys.executable, "-m", "agro_dist.data", "sample", "--model", "default", "--task", "arithmetic", "--n", "4",
+                        "--prompts", "24", "--out", str(data)], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert s.returncode == 0, s.stdout[-3000:] + s.stderr[-3000:]
+    p = subprocess.run([sys.executable, "-m", "agro_dist", "--run.mode", "offline", "--data.path", str(data), "--run.epochs", "1",
+                        "--run.steps", "0", "--run.name", "offline", "--run.output_dir", str(tmp_path)],
+                       env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+    assert "started 0 generator(s)" in p.stdout and "held-out accuracy      before   after" in p.stdout
+    with open(tmp_path / "offline" / "train.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3] and float(rows[-1]["epoch"]) == 1.0  # 24 groups, 8 per step
+    assert all(float(r["kl"]) >= 0 for r in rows)
