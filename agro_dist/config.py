@@ -323,15 +323,17 @@ def _read(path: str) -> Dict[str, Any]:
     return _flatten(data, path)
 
 
-def load(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> Config:
-    """Defaults, then the YAML file, then ``overrides`` (``{"learner.lr": 1e-5}``); validated."""
+def load(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None, *, check: bool = True) -> Config:
+    """Defaults, then the YAML file, then ``overrides`` (``{"learner.lr": 1e-5}``); validated
+    unless ``check`` is false."""
     cfg = Config()
     if path:
         for k, v in _read(path).items():
             _set(cfg, k, v, path)
     for k, v in (overrides or {}).items():
         _set(cfg, k, v, "command line")
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -472,7 +474,8 @@ def from_args(argv: Optional[List[str]] = None) -> Tuple[Config, argparse.Namesp
     for k, v in overrides.items():
         if isinstance(defaults.get(k), str) and not isinstance(v, str) and v is not None:
             overrides[k] = str(getattr(ns, k))
-    cfg = load(ns.config, overrides)
-    if cfg.run.resume:
+    cfg = load(ns.config, overrides, check=False)
+    if cfg.run.resume:  # the saved config first, then what is given now; validated once merged
         cfg = resume_config(cfg, {**(_read(ns.config) if ns.config else {}), **overrides})
+    validate(cfg)
     return cfg, ns

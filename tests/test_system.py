@@ -267,6 +267,11 @@ def test_offline_trains_from_a_file_written_by_data_sample_with_no_generator(hea
     assert [int(r["version"]) for r in _rows(tmp_path / "off" / "eval.csv")] == [0, 3, 6]
     assert json.load(open(tmp_path / "off" / "summary.json"))["epochs"] == 2.0
     assert "logged generations" in open(_final_hf(tmp_path / "off") + "/README.md").read()
+    # Resumed for a third epoch: the cursor over the data comes back with the checkpoint.
+    p = _train(head, _args(tiny_vllm_model, tmp_path, "off", "--run.resume", "true", "--run.epochs", "3", "--run.eval_every", "3"))
+    assert p.returncode == 0 and "resumed at step 6" in p.stdout, p.stdout[-4000:] + p.stderr[-3000:]
+    rows = _rows(tmp_path / "off" / "train.csv")
+    assert [round(float(r["epoch"]), 2) for r in rows][6:] == [2.33, 2.67, 3.0]
 
 
 def test_frozen_generators_keep_the_initial_weights_and_staleness_grows(head, tiny_vllm_model, tmp_path):
