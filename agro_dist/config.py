@@ -361,7 +361,7 @@ def resume_config(cfg: Config, given: Dict[str, Any]) -> Config:
     saved = load(saved_path)
     clash = [f"{k}={_get(cfg, k)!r} (saved: {_get(saved, k)!r})" for k in RESUME_FIXED if k in given and _get(cfg, k) != _get(saved, k)]
     if clash:
-        raise ConfigError(f"run.resume: {', '.join(clash)} differ from the run's {saved_path}; a resumed run keeps the settings "
+        raise ConfigError(f"run.resume: {', '.join(clash)}: not as in the run's {saved_path}; a resumed run keeps the settings "
                           f"its checkpoint was made with: drop these options, or start a new run.name")
     return load(saved_path, given)
 

@@ -155,13 +155,15 @@ def test_sync_mode_is_on_policy_step_for_step(head, tiny_vllm_model, tmp_path):
     assert chk.returncode == 0, chk.stdout[-2000:] + chk.stderr[-3000:]
     got = json.loads(chk.stdout.split("HF_FOLDER_CHECK ", 1)[1])
     assert got["chat_template"] and got["hf"] == got["vllm"] and len(got["hf"]) > 0, got
-    # `python -m agro_dist.evaluate` with the run's config reports the run's own "before" numbers.
-    e = subprocess.run([sys.executable, "-m", "agro_dist.evaluate", "--config", str(tmp_path / "sync" / "config.yaml"),
-                        "--model", model], capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
-    assert e.returncode == 0, e.stdout[-2000:] + e.stderr[-3000:]
-    res = json.loads(e.stdout.split("AGRO_EVAL ", 1)[1])
-    assert (res["greedy_accuracy"], res["sampled_accuracy"], res["eval_problems"]) == (
-        float(ev[0]["greedy_accuracy"]), float(ev[0]["sampled_accuracy"]), float(ev[0]["eval_problems"])), (res, ev[0])
+    # `python -m agro_dist.evaluate` with the run's config reports the run's own numbers: the base
+    # model its "before" row, the final checkpoint its "after" row (every evaluation reseeds its sampling).
+    for folder, row in ((model, ev[0]), (hf, ev[-1])):
+        e = subprocess.run([sys.executable, "-m", "agro_dist.evaluate", "--config", str(tmp_path / "sync" / "config.yaml"),
+                            "--model", folder], capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+        assert e.returncode == 0, e.stdout[-2000:] + e.stderr[-3000:]
+        res = json.loads(e.stdout.split("AGRO_EVAL ", 1)[1])
+        assert (res["greedy_accuracy"], res["sampled_accuracy"], res["eval_problems"]) == pytest.approx(  # eval.csv keeps 6 digits
+            (float(row["greedy_accuracy"]), float(row["sampled_accuracy"]), float(row["eval_problems"])), abs=1e-6), (folder, res, row)
 
 
 def test_replay_probability_half_mixes_history_into_batches(head, tiny_vllm_model, tmp_path):
