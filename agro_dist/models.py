@@ -41,10 +41,28 @@ def _gguf_path() -> str:
 
 
 def default_model_path(cache: Optional[str] = None) -> str:
-    """A float32 Hugging Face folder of SmolLM2-135M-Instruct, made once from the GGUF."""
+    """A float32 Hugging Face folder of SmolLM2-135M-Instruct, made once from the GGUF.
+
+    Safe when several processes ask at once (two actors on a fresh node, two test runs): they
+    take turns under a lock file, and the folder appears with one rename, complete. Where the
+    lock does not hold (a cache shared over NFS), a process that loses the final rename finds
+    the winner's folder and uses it.
+    """
     out = os.path.join(cache or cache_dir(), DEFAULT_MODEL)
     if os.path.exists(os.path.join(out, "config.json")):
         return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    import fcntl
+
+    with open(out + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if os.path.exists(os.path.join(out, "config.json")):
+            return out  # another process made it while this one waited
+        _convert_default(out)
+    return out
+
+
+def _convert_default(out: str) -> None:
     gguf = _gguf_path()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,16 +75,21 @@ def default_model_path(cache: Optional[str] = None) -> str:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        os.replace(tmp, out)  # atomic: a half-written folder is never found as the model
+        if os.path.isdir(out) and not os.path.exists(os.path.join(out, "config.json")):
+            shutil.rmtree(out)  # an incomplete folder from an older version: never the model
+        try:
+            os.rename(tmp, out)  # atomic: a half-written folder is never found as the model
+        except OSError:
+            if not os.path.exists(os.path.join(out, "config.json")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # lost the race to a process outside the lock
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def resolve_model(name_or_path: str) -> str:

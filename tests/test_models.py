@@ -1,0 +1,28 @@
+"""The default model's one-time conversion when several processes ask for it at once."""
+
+import os
+import subprocess
+import sys
+
+SCRIPT = (
+    "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+    "from agro_dist.models import default_model_path\n"
+    "from transformers import AutoConfig\n"
+    "p = default_model_path(); AutoConfig.from_pretrained(p); print('PATH', p)\n"
+)
+
+
+def test_concurrent_first_use_gives_everyone_the_same_complete_folder(tmp_path):
+    # Three processes on an empty cache: before the lock, the losers failed with
+    # "OSError: [Errno 39] Directory not empty" from the final rename.
+    env = dict(os.environ, AGRO_CACHE_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:]
+    paths = {line.split(" ", 1)[1] for out in outs for line in out.splitlines() if line.startswith("PATH ")}
+    assert paths == {str(tmp_path / "smollm2-135m-instruct")}
+    assert sum(out.count("converting") for out in outs) == 1  # one converted, the others waited
+    assert sorted(os.listdir(tmp_path)) == ["smollm2-135m-instruct", "smollm2-135m-instruct.lock"]  # no temporary left
+    assert os.path.getsize(tmp_path / "smollm2-135m-instruct" / "model.safetensors") > 500e6
