@@ -28,6 +28,8 @@ from agro_dist.learner.learner import LearnerConfig
 class RunConfig:
     name: str = "agro"
     output_dir: str = "runs"
+    storage_path: Optional[str] = None
+    overwrite: bool = False
     seed: int = 0
     mode: str = "sync"
     steps: int = 40
@@ -105,7 +107,11 @@ HELP: Dict[str, str] = {
     "model": "Hugging Face model folder for the policy, the reference and the generators; 'default' = SmolLM2-135M-Instruct (embedded)",
     # run
     "run.name": "run name: outputs go to output_dir/name; also names the Ray actors and the buffer",
-    "run.output_dir": "parent folder of run folders",
+    "run.output_dir": "parent folder of run folders (local runs without run.storage_path)",
+    "run.storage_path": "where runs are kept, each in storage_path/name: a local or shared folder, or a URI pyarrow.fs opens "
+                        "(s3://bucket/prefix, gs://..., hdfs://...); null = run.output_dir, except under `ray job submit` with a "
+                        "relative output_dir: ~/agro_dist_results on the driver's node",
+    "run.overwrite": "delete an existing run of the same name (checkpoints included) and start afresh; without it such a run is refused",
     "run.seed": "seed of the learner, the generators (seed + index) and the buffer's replay draws",
     "run.mode": "sync: generators wait for every new version, p = 0 (on-policy); async: generators run ahead, bounded by max_staleness; "
                 "frozen: generators keep the initial weights (pi_ref), staleness grows; offline: train from data.path, no generators",
@@ -212,8 +218,20 @@ class Config:
     resources: ResourcesSection = field(default_factory=ResourcesSection)
 
     @property
+    def run_home(self) -> str:
+        """Where this run is kept: ``storage_path/name`` (a local path or a URI), else ``output_dir/name``."""
+        from agro_dist.storage import join, local_path
+
+        if self.run.storage_path:
+            return join(self.run.storage_path, self.run.name)
+        return local_path(os.path.join(self.run.output_dir, self.run.name))
+
+    @property
     def run_dir(self) -> str:
-        return os.path.join(self.run.output_dir, self.run.name)
+        """The run's local folder: its home when that is local (remote storage: the driver's work folder)."""
+        from agro_dist.storage import is_remote
+
+        return os.path.join(self.run.output_dir, self.run.name) if is_remote(self.run_home) else self.run_home
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"model": self.model}
@@ -313,9 +331,15 @@ def _read(path: str) -> Dict[str, Any]:
     """A config file's keys, flattened (``{"learner.lr": 1e-5}``)."""
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            text = f.read()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    return _parse(text, path)
+
+
+def _parse(text: str, path: str) -> Dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -355,15 +379,26 @@ def resume_config(cfg: Config, given: Dict[str, Any]) -> Config:
     """For ``run.resume``: the run's saved ``config.yaml`` with the keys the user ``given`` now
     (config file and command line) on top; a ``RESUME_FIXED`` key given with a value other than
     the saved one is a ConfigError naming both. Without a saved config, ``cfg`` as it is."""
-    saved_path = os.path.join(cfg.run_dir, "config.yaml")
-    if not os.path.exists(saved_path):
+    from agro_dist.storage import Storage, display, join
+
+    home = Storage(cfg.run_home)
+    saved_path = display(join(cfg.run_home, "config.yaml"))
+    if not home.exists("config.yaml"):
         return cfg
-    saved = load(saved_path)
+    saved_keys = _parse(home.read_text("config.yaml"), saved_path)
+    saved = Config()
+    for k, v in saved_keys.items():
+        _set(saved, k, v, saved_path)
     clash = [f"{k}={_get(cfg, k)!r} (saved: {_get(saved, k)!r})" for k in RESUME_FIXED if k in given and _get(cfg, k) != _get(saved, k)]
     if clash:
         raise ConfigError(f"run.resume: {', '.join(clash)}: not as in the run's {saved_path}; a resumed run keeps the settings "
                           f"its checkpoint was made with: drop these options, or start a new run.name")
-    return load(saved_path, given)
+    out = Config()
+    for k, v in saved_keys.items():
+        _set(out, k, v, saved_path)
+    for k, v in given.items():
+        _set(out, k, v, "command line")
+    return out
 
 
 def validate(cfg: Config) -> None:
@@ -458,6 +493,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+JOB_STORAGE = "~/agro_dist_results"  # Ray Train's ~/ray_results, for agro_dist
+
+
+def in_ray_job() -> bool:
+    """Whether this process is the driver of a ``ray job submit`` (Ray's job supervisor sets this)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
 def from_args(argv: Optional[List[str]] = None) -> Tuple[Config, argparse.Namespace]:
     p = parser()
     ns = p.parse_args(argv)
@@ -475,6 +518,10 @@ def from_args(argv: Optional[List[str]] = None) -> Tuple[Config, argparse.Namesp
         if isinstance(defaults.get(k), str) and not isinstance(v, str) and v is not None:
             overrides[k] = str(getattr(ns, k))
     cfg = load(ns.config, overrides, check=False)
+    if cfg.run.storage_path is None and in_ray_job() and not os.path.isabs(os.path.expanduser(cfg.run.output_dir)):
+        # A Ray job's working directory is a temporary copy on the driver's node: never keep results there.
+        cfg.run.storage_path = JOB_STORAGE
+        overrides["run.storage_path"] = JOB_STORAGE
     if cfg.run.resume:  # the saved config first, then what is given now; validated once merged
         cfg = resume_config(cfg, {**(_read(ns.config) if ns.config else {}), **overrides})
     validate(cfg)

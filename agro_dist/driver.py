@@ -30,10 +30,10 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -44,6 +44,10 @@ import yaml
 from agro_dist import config as config_mod
 from agro_dist.config import Config, ConfigError
 from agro_dist.monitor import RunMonitor, plot_run, progress_line
+from agro_dist.storage import CheckpointWriteError, Storage, display, is_remote, join, latest_checkpoint
+
+# A run's files besides its checkpoints: uploaded to remote storage, downloaded to resume.
+RUN_FILES = ("config.yaml", "driver.log", "train.csv", "eval.csv", "summary.json", "training.png", "tensorboard", "redis")
 
 log = logging.getLogger("agro_dist")
 
@@ -70,8 +74,13 @@ class Driver:
         self.data = data
         self._consumed = 0
         self._order: Tuple[int, List[int]] = (-1, [])
-        self.run_dir = os.path.abspath(cfg.run_dir)
-        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        # The run's home (run.storage_path/name: a local folder or a URI) and its local folder: the
+        # home itself when local; for remote storage a work folder whose files are uploaded at each
+        # checkpoint and at the end (the learner uploads its checkpoints itself).
+        self.home = cfg.run_home
+        self.remote = is_remote(self.home)
+        self.run_dir = tempfile.mkdtemp(prefix=f"agro_dist-{cfg.run.name}-") if self.remote else os.path.abspath(cfg.run_dir)
+        self.ckpt_dir = join(self.home, "checkpoints")
         self.step = 0
         self.samples = 0
         self.elapsed_before = 0.0  # training time of earlier sessions of a resumed run
@@ -99,12 +108,15 @@ class Driver:
     def start(self) -> None:
         cfg = self.cfg
         resume = cfg.run.resume
-        if resume and not os.path.exists(os.path.join(self.ckpt_dir, "latest")):
-            raise StartupError(f"run.resume: no checkpoint in {self.ckpt_dir}")
-        if not resume and os.path.exists(self.run_dir):
-            log.warning("replacing the previous run in %s (use run.resume=true to continue it, or another run.name)", self.run_dir)
-            shutil.rmtree(self.run_dir)
+        home = Storage(self.home)
+        if resume and latest_checkpoint(self.ckpt_dir) is None:
+            raise StartupError(f"run.resume: no checkpoint in {display(self.ckpt_dir)}")
+        if not resume and cfg.run.overwrite and home.exists():
+            log.warning("deleting the previous run in %s (run.overwrite)", display(self.home))
+            home.delete("")
         os.makedirs(self.run_dir, exist_ok=True)
+        if self.remote and resume:  # the run's logs and tables (and the private Redis's files) continue where the storage has them
+            home.download("", self.run_dir, names=list(RUN_FILES))
         # The driver's log, tracebacks included, also goes to the run folder (the console gets one line per failure).
         self._log_file = logging.FileHandler(os.path.join(self.run_dir, "driver.log"))
         self._log_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
@@ -127,7 +139,8 @@ class Driver:
         self.started = True
         log.info("started %d generator(s), %d learner rank(s), an eval actor in %.0f s; buffer %s; run folder %s",
                  len(self.generators), len(self.learners), time.perf_counter() - t,
-                 self.buffer_url or f"none (offline: {self.cfg.data.path})", self.run_dir)
+                 self.buffer_url or f"none (offline: {self.cfg.data.path})",
+                 f"{display(self.home)} (work folder {self.run_dir})" if self.remote else self.run_dir)
         if meta:
             log.info("resumed at step %d (version %d, %d samples)", self.step, self.version, self.samples)
 
@@ -348,7 +361,7 @@ class Driver:
         zero counters when there is none yet: returns None); then every generator gets these
         weights, so the groups they make from now on carry the restored version."""
         meta = None
-        if os.path.exists(os.path.join(self.ckpt_dir, "latest")):
+        if latest_checkpoint(self.ckpt_dir) is not None:
             # The checkpoint root: the learner reads ``latest`` (the newest complete checkpoint's name).
             meta = ray.get([a.load_checkpoint.remote(self.ckpt_dir) for a in self.learners])[0]
             extra = meta.get("extra") or {}
@@ -471,7 +484,27 @@ class Driver:
 
     def _checkpoint(self, elapsed: float) -> None:
         extra = dict(step=self.step, samples=self.samples, elapsed_s=elapsed, consumed=self._consumed, card=self._card())
-        ray.get([a.save_checkpoint.remote(self.ckpt_dir, extra) for a in self.learners])
+        try:
+            ray.get([a.save_checkpoint.remote(self.ckpt_dir, extra) for a in self.learners])
+        except ray.exceptions.RayTaskError as e:
+            if not isinstance(e.cause, CheckpointWriteError):
+                raise
+            # Nothing is lost by stopping: the previous checkpoint is complete, the groups since are in the buffer.
+            raise TrainingError(f"at step {self.step}: {e.cause}; make room (or fix the storage) and continue with "
+                                f"--run.resume true") from None
+        self.sync_outputs()
+
+    def sync_outputs(self) -> None:
+        """Remote storage: upload the run's tables, plots, logs, config and Redis files (the
+        checkpoints are uploaded by the learner). Local runs write in place: nothing to do."""
+        if not self.remote:
+            return
+        if self._log_file is not None:
+            self._log_file.flush()
+        try:
+            Storage(self.home).upload(self.run_dir, "", names=list(RUN_FILES))
+        except OSError as e:
+            log.warning("could not upload the run's files to %s: %s", display(self.home), e)
 
     def _eval_submit(self):
         if self.cfg.run.mode in ("offline", "frozen"):  # no per-step broadcast: publish the weights the eval needs
@@ -700,6 +733,8 @@ class Driver:
             self.redis.stop()
         if self.own_ray and ray.is_initialized() and not self.abandoned:
             ray.shutdown()
+        if self.remote and self._log_file is not None:
+            self.sync_outputs()  # the log's last lines (a failure's traceback) and Redis's final files
         if self._log_file is not None:
             logging.getLogger().removeHandler(self._log_file)
             self._log_file.close()
@@ -750,8 +785,10 @@ def _rendezvous():
 def _latest_hf(ckpt_dir: str) -> str:
     """The Hugging Face folder of the newest checkpoint (``latest`` holds its name)."""
     try:
-        with open(os.path.join(ckpt_dir, "latest")) as f:
-            return os.path.join(ckpt_dir, f.read().strip(), "hf")
+        name = latest_checkpoint(ckpt_dir)
+        if name is None:
+            return "(no checkpoint)"
+        return display(join(ckpt_dir, name, "hf"))
     except OSError:
         return "(no checkpoint)"
 
@@ -793,6 +830,20 @@ def load_offline(cfg: Config) -> List[Any]:
     return groups
 
 
+def check_run_home(cfg: Config) -> None:
+    """Before anything starts: a new run never lands on an earlier one. A run folder that holds
+    anything is refused (ConfigError: exit 2) unless ``run.resume`` continues it or
+    ``run.overwrite`` deletes it; the storage must be reachable (OSError: exit 3)."""
+    if cfg.run.resume or cfg.run.overwrite:
+        return
+    home = Storage(cfg.run_home)
+    if home.files(""):
+        latest = latest_checkpoint(join(cfg.run_home, "checkpoints"))
+        raise ConfigError(f"run.name {cfg.run.name!r}: {display(cfg.run_home)} already holds a run"
+                          f"{f' (latest checkpoint {latest})' if latest else ''}: continue it with --run.resume true, "
+                          f"choose another --run.name, or delete it with --run.overwrite true")
+
+
 def summary_table(result: Dict[str, Any]) -> str:
     b, a = result["before"], result["after"]
     lines = ["", "held-out accuracy      before   after   change",
@@ -818,11 +869,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     data = None
     try:
         config_mod.check_tasks(cfg)  # data and task options, before anything starts
+        check_run_home(cfg)
         if cfg.run.mode == "offline":
             data = load_offline(cfg)
     except ConfigError as e:
         print(f"agro_dist: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the storage
+        print(f"agro_dist: cannot start: run.storage_path {display(cfg.run_home)}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 3
+    if cfg.run.storage_path:
+        log.info("run %s is kept in %s%s", cfg.run.name, display(cfg.run_home),
+                 " (run.storage_path: a Ray job's working directory is temporary)" if cfg.run.storage_path == config_mod.JOB_STORAGE else "")
     d = Driver(cfg, data)
     try:
         d.start()
@@ -832,12 +890,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             json.dump(result, f, indent=1, default=float)
         if cfg.run.plots:
             log.info("plots: %s", plot_run(d.run_dir))
+        d.sync_outputs()
         print(summary_table(result), flush=True)
         # One machine-readable line for tools that only see the job's log (deploy/sweep.py).
         print("AGRO_RESULT " + json.dumps({k: result[k] for k in ("before", "after", "elapsed_s", "steps", "samples")} | {
             "run": cfg.run.name, "replay_prob": cfg.run.replay_prob, "mode": cfg.run.mode,
             "stale_skipped": result["buffer"]["stale_skipped"], "replay_served": result["buffer"]["served_replay"]}), flush=True)
-        print(f"\noutputs: {d.run_dir} (train.csv, eval.csv, training.png, tensorboard/); "
+        print(f"\noutputs: {display(d.home)} (train.csv, eval.csv, training.png, tensorboard/); "
               f"model: {_latest_hf(d.ckpt_dir)}", flush=True)
         return 0
     except StartupError as e:

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -36,6 +37,7 @@ from agro_dist.losses import get_loss, min_group_size, needs_behaviour_logprobs,
 from agro_dist.model_card import copy_tokenizer, write_model_card  # noqa: E402
 from agro_dist.models import resolve_model  # noqa: E402
 from agro_dist.records import Group  # noqa: E402
+from agro_dist.storage import CheckpointWriteError, Storage, commit_checkpoint, display, fetch_checkpoint, is_remote, join, latest_checkpoint  # noqa: E402
 
 from .batching import MicroBatch, check_groups, collate, has_behaviour_logprobs  # noqa: E402
 from .logprobs import chunked_logprobs, module_chunked_logprobs, token_kl, token_kl_metric  # noqa: E402
@@ -502,47 +504,117 @@ class Learner:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, root: str, *, extra: Optional[Dict[str, Any]] = None) -> str:
-        """Write ``root/step_{version:08d}`` atomically and point ``root/latest`` at it.
+        """Write checkpoint ``step_{version:08d}`` under ``root`` atomically and point ``root/latest`` at it.
 
         Contents: ``hf/`` (safetensors, the policy's tokenizer files and chat template, a model
         card built from ``extra["card"]``: ``from_pretrained`` and vLLM load it), ``ds/`` (DeepSpeed
         module, optimizer state per rank), ``rng_rank{r}.pt``, ``meta.json`` (version, skipped
-        count, config, the caller's ``extra``: e.g. the buffer cursor). Written in a temporary
-        folder first and renamed once complete, so a crash never leaves a half checkpoint
-        behind ``latest``. Collective: every rank calls it.
+        count, config, the caller's ``extra``: e.g. the buffer cursor). ``root`` is a local (or
+        shared) folder, or a URI of ``agro_dist.storage``. Local: written in a temporary folder and
+        renamed once complete. Remote: each rank writes its files in a local temporary folder and
+        uploads them; rank 0 then writes the manifest and ``latest``. Either way a crash never
+        leaves a half checkpoint behind ``latest``, and a write that fails (a full disk) raises
+        ``CheckpointWriteError`` on every rank with the previous checkpoint untouched.
+        Collective: every rank calls it.
         """
         name = f"step_{self.version:08d}"
-        final = os.path.join(root, name)
-        tmp = os.path.join(root, f".tmp-{name}")
+        remote = is_remote(root)
+        if remote:  # this rank's files, uploaded below
+            tmp = tempfile.mkdtemp(prefix=f"agro_dist-{name}-rank{self.rank}-")
+        else:
+            tmp = os.path.join(root, f".tmp-{name}")
+        err: Optional[BaseException] = None
         if self.rank == 0:
-            os.makedirs(root, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        dist.barrier()
-        self.engine.save_checkpoint(tmp, tag="ds", save_latest=False)
-        torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
-        if self.value_head is not None and self.rank == 0:  # the same on every rank
-            torch.save({"head": self.value_head.state_dict(), "opt": self.value_opt.state_dict()}, os.path.join(tmp, "value_head.pt"))
-        version, sd = self.publish()
-        if self.rank == 0:
-            hf = os.path.join(tmp, "hf")
-            self.module.save_pretrained(hf, state_dict=sd, safe_serialization=True)
-            # A folder usable on its own: the run's tokenizer and chat template, and a model card.
-            copy_tokenizer(self.model_path, hf)
-            write_model_card(hf, self._card((extra or {}).get("card")))
-            meta = dict(version=self.version, skipped_batches=self.skipped_batches, world_size=self.world,
-                        config=asdict(self.cfg), extra=extra or {}, time=time.time())
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(meta, f, indent=1, default=str)
-        dist.barrier()
-        if self.rank == 0:
-            _fsync_tree(tmp)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _atomic_write(os.path.join(root, "latest"), name)
-        dist.barrier()
-        return final
+            try:
+                if remote:
+                    Storage(root).delete(name)  # a partial upload of this step by a killed job
+                else:
+                    os.makedirs(root, exist_ok=True)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    os.makedirs(tmp)
+            except Exception as e:  # noqa: BLE001 (torch.save reports a full disk as RuntimeError)
+                err = e
+        if not self._all_ok(err is None):
+            return self._checkpoint_failed(root, name, tmp, remote, err)
+        try:
+            self.engine.save_checkpoint(tmp, tag="ds", save_latest=False)
+            torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+            if self.value_head is not None and self.rank == 0:  # the same on every rank
+                torch.save({"head": self.value_head.state_dict(), "opt": self.value_opt.state_dict()}, os.path.join(tmp, "value_head.pt"))
+        except Exception as e:  # noqa: BLE001
+            err = e
+        version, sd = self.publish()  # collective under ZeRO 3: every rank takes part, failed or not
+        if self.rank == 0 and err is None:
+            try:
+                hf = os.path.join(tmp, "hf")
+                self.module.save_pretrained(hf, state_dict=sd, safe_serialization=True)
+                # A folder usable on its own: the run's tokenizer and chat template, and a model card.
+                copy_tokenizer(self.model_path, hf)
+                write_model_card(hf, self._card((extra or {}).get("card")))
+                meta = dict(version=self.version, skipped_batches=self.skipped_batches, world_size=self.world,
+                            config=asdict(self.cfg), extra=extra or {}, time=time.time())
+                with open(os.path.join(tmp, "meta.json"), "w") as f:
+                    json.dump(meta, f, indent=1, default=str)
+            except Exception as e:  # noqa: BLE001
+                err = e
+        del sd
+        if not self._all_ok(err is None):
+            return self._checkpoint_failed(root, name, tmp, remote, err)
+        if remote:
+            uploaded: Dict[str, int] = {}
+            try:
+                uploaded = Storage(root).upload(tmp, name)
+            except Exception as e:  # noqa: BLE001
+                err = e
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            everyone: List[Optional[Dict[str, int]]] = [None] * self.world
+            dist.all_gather_object(everyone, uploaded if err is None else None)
+            if any(u is None for u in everyone):
+                return self._checkpoint_failed(root, name, tmp, remote, err)
+            if self.rank == 0:
+                try:
+                    commit_checkpoint(root, name, {k: v for u in everyone for k, v in u.items()})
+                except Exception as e:  # noqa: BLE001
+                    err = e
+        elif self.rank == 0:
+            try:
+                _fsync_tree(tmp)
+                final = os.path.join(root, name)
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+                _atomic_write(os.path.join(root, "latest"), name)
+            except Exception as e:  # noqa: BLE001
+                err = e
+        if not self._all_ok(err is None):
+            return self._checkpoint_failed(root, name, tmp, remote, err)
+        return join(root, name)
+
+    def _all_ok(self, ok: bool) -> bool:
+        """True when every rank says ok (a collective: every rank calls it)."""
+        if self.world == 1:
+            return ok
+        t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.engine.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def _checkpoint_failed(self, root: str, name: str, tmp: str, remote: bool, err: Optional[BaseException]) -> str:
+        if remote or self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # the partial copy (local); a remote partial upload is not behind latest
+        try:
+            prev = latest_checkpoint(root)
+        except OSError:
+            prev = None
+        why = f"{type(err).__name__}: {err}" if err is not None else "another rank failed to write its part"
+        if not remote:  # torch.save reports a full disk as a zip "unexpected pos": say how much room there is
+            try:
+                why += f"; {shutil.disk_usage(root).free / 2**20:.1f} MB free on its disk"
+            except OSError:
+                pass
+        raise CheckpointWriteError(
+            f"checkpoint {name} could not be written to {display(root)} ({why}); "
+            + (f"the previous checkpoint {prev} is intact" if prev else "there is no earlier checkpoint"))
 
     def _card(self, card: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         c = self.cfg
@@ -554,16 +626,38 @@ class Learner:
         accuracy, measured after it was written). Rank 0 only; others return None."""
         if self.rank != 0:
             return None
-        with open(os.path.join(root, "latest")) as f:
-            hf = os.path.join(root, f.read().strip(), "hf")
-        return write_model_card(hf, self._card(card))
+        name = latest_checkpoint(root)
+        if not is_remote(root):
+            return write_model_card(os.path.join(root, name, "hf"), self._card(card))
+        st = Storage(root)
+        local = tempfile.mkdtemp(prefix="agro_dist-card-")
+        try:
+            write_model_card(local, self._card(card))
+            sent = st.upload(local, f"{name}/hf")
+            manifest = json.loads(st.read_text(f"{name}/manifest.json"))["files"]
+            manifest["hf/README.md"] = sent["README.md"]
+            commit_checkpoint(root, name, manifest)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        return join(root, name, "hf", "README.md")
 
     def load_checkpoint(self, path: str) -> Dict[str, Any]:
-        """Resume from a checkpoint folder, or from ``root`` (its ``latest``); returns meta."""
+        """Resume from a checkpoint folder, or from ``root`` (its ``latest``); returns meta.
+        A remote ``root`` (a URI): its latest checkpoint, checked against its manifest, is
+        downloaded to a local temporary folder first."""
+        if is_remote(path):
+            local, _ = fetch_checkpoint(path)
+            try:
+                return self._load_checkpoint(local)
+            finally:
+                shutil.rmtree(local, ignore_errors=True)
         latest = os.path.join(path, "latest")
         if os.path.exists(latest):
             with open(latest) as f:
                 path = os.path.join(path, f.read().strip())
+        return self._load_checkpoint(path)
+
+    def _load_checkpoint(self, path: str) -> Dict[str, Any]:
         if not os.path.exists(os.path.join(path, "meta.json")):
             raise FileNotFoundError(f"no complete checkpoint at {path}")
         with open(os.path.join(path, "meta.json")) as f:

@@ -1,7 +1,7 @@
 """A learner process for the multi-rank and crash tests (run directly or under torchrun).
 
     python tests/learner_worker.py MODEL OUT --steps 4 [--zero 2] [--checkpoint-at 2]
-        [--kill-after 3] [--resume] [--micro-groups 1] [--batch-groups 4]
+        [--kill-after 3] [--resume] [--ckpt URI] [--kill-in-upload 4] [--micro-groups 1] [--batch-groups 4]
 
 Batches are a pure function of the step number (seeded), so any process at any step sees the
 same data. After every step rank 0 writes the parameters to OUT/params_{step}.safetensors.
@@ -48,7 +48,9 @@ def main():
     ap.add_argument("--batch-groups", type=int, default=4)
     ap.add_argument("--micro-groups", type=int, default=1)
     ap.add_argument("--loss", default="agro_off")
-    ap.add_argument("--checkpoint-at", type=int, default=0)
+    ap.add_argument("--checkpoint-at", type=int, nargs="+", default=[])
+    ap.add_argument("--ckpt", default=None, help="checkpoint root (a folder or a storage URI); default OUT/ckpt")
+    ap.add_argument("--kill-in-upload", type=int, default=0, help="SIGKILL this process after 3 files of the checkpoint after this step are uploaded")
     ap.add_argument("--kill-after", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
     a = ap.parse_args()
@@ -58,7 +60,7 @@ def main():
                         lr=1e-2, beta=0.1, loss=a.loss, weight_decay=0.01, warmup_steps=2, lr_schedule="cosine", total_steps=8,
                         adam_eps=1e-4)  # bounds Adam's amplification of float noise (see test_learner.py)
     learner = Learner(cfg)
-    ckpt = os.path.join(a.out, "ckpt")
+    ckpt = a.ckpt or os.path.join(a.out, "ckpt")
     start = 0
     if a.resume:
         start = learner.load_checkpoint(ckpt)["extra"]["next_step"]
@@ -70,7 +72,21 @@ def main():
             _, sd = learner.publish()
             save_file({k: v.clone() for k, v in sd.items()}, os.path.join(a.out, f"params_{step}.safetensors"))  # tied names share a tensor
             print(f"step {step} version {int(m['version'])} loss_pg {m['loss_pg']:.6f}", flush=True)
-        if a.checkpoint_at and step + 1 == a.checkpoint_at:
+        if a.kill_in_upload and step + 1 == a.kill_in_upload:
+            # A fault injected by the test: the process dies half-way through uploading a checkpoint.
+            import pyarrow.fs as pafs
+
+            real, sent = pafs.copy_files, [0]
+
+            def copy_then_die(*args, **kw):
+                real(*args, **kw)
+                sent[0] += 1
+                if sent[0] == 3:
+                    sys.stdout.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            pafs.copy_files = copy_then_die
+        if step + 1 in a.checkpoint_at:
             learner.save_checkpoint(ckpt, extra={"next_step": step + 1})
         if a.kill_after and step + 1 == a.kill_after:
             sys.stdout.flush()
