@@ -220,10 +220,11 @@ class Config:
     @property
     def run_home(self) -> str:
         """Where this run is kept: ``storage_path/name`` (a local path or a URI), else ``output_dir/name``."""
-        from agro_dist.storage import join, local_path
+        from agro_dist.storage import is_remote, join, local_path
 
         if self.run.storage_path:
-            return join(self.run.storage_path, self.run.name)
+            home = join(self.run.storage_path, self.run.name)
+            return home if is_remote(home) else local_path(home)
         return local_path(os.path.join(self.run.output_dir, self.run.name))
 
     @property

@@ -129,7 +129,7 @@ class Storage:
                 continue
             dst = os.path.join(local_dir, *name.split("/"))
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            pafs.copy_files(self.path(f"{rel}/{name}"), dst, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+            pafs.copy_files(self.path(f"{rel}/{name}" if rel else name), dst, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
             got.append(name)
         return got
 

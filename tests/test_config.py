@@ -82,3 +82,34 @@ def test_print_config_round_trips_through_the_file(tmp_path):
 def test_a_bad_command_line_exits_2_with_the_message():
     out = subprocess.run([sys.executable, "-m", "agro_dist", "--run.mode", "later"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 2 and "agro_dist: error: run.mode must be sync, async, frozen or offline" in out.stderr
+
+
+def test_a_new_run_never_lands_on_an_earlier_one(tmp_path):
+    # `make train` twice: the second refuses before anything starts, and deletes nothing.
+    run = tmp_path / "agro"
+    (run / "checkpoints" / "step_00000040").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_00000040")
+    (run / "train.csv").write_text("step\n1\n")
+    out = subprocess.run([sys.executable, "-m", "agro_dist", "--run.output_dir", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert (f"run.name 'agro': {run} already holds a run (latest checkpoint step_00000040): continue it with --run.resume true, "
+            "choose another --run.name, or delete it with --run.overwrite true") in out.stderr
+    assert (run / "train.csv").exists() and (run / "checkpoints" / "latest").exists()
+    cfg = config.load(overrides={"run.output_dir": str(tmp_path), "run.overwrite": True})
+    from agro_dist.driver import check_run_home
+
+    check_run_home(cfg)  # explicitly asked: allowed (the driver deletes it when it starts)
+    check_run_home(config.load(overrides={"run.output_dir": str(tmp_path), "run.name": "other"}))
+
+
+def test_a_ray_job_keeps_runs_outside_its_working_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets for the driver
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg, _ = config.from_args(["--run.name", "j"])
+    assert cfg.run.storage_path == "~/agro_dist_results" and cfg.run_home == str(tmp_path / "agro_dist_results" / "j")
+    cfg, _ = config.from_args(["--run.name", "j", "--run.output_dir", str(tmp_path / "abs")])  # an absolute folder is kept
+    assert cfg.run.storage_path is None and cfg.run_home == str(tmp_path / "abs" / "j")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    cfg, _ = config.from_args(["--run.name", "j"])
+    assert cfg.run.storage_path is None and cfg.run_dir == os.path.abspath(os.path.join("runs", "j"))

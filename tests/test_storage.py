@@ -45,6 +45,8 @@ def test_storage_writes_reads_lists_copies_and_deletes(where, tmp_path, s3_serve
     got = tmp_path / "got"
     assert sorted(st.download("step_1", str(got))) == ["hf/w.bin", "meta.json"]
     assert (got / "hf" / "w.bin").read_bytes() == b"x" * 1000
+    whole = tmp_path / "whole"  # the run's top level, as a resumed driver downloads it
+    assert sorted(st.download("", str(whole), names=["latest", "step_1"])) == ["latest", "step_1/hf/w.bin", "step_1/meta.json"]
     st.delete("step_1")
     assert not st.exists("step_1") and st.files() == {"latest": 6}
 
