@@ -502,7 +502,8 @@ class Driver:
         if self._log_file is not None:
             self._log_file.flush()
         try:
-            Storage(self.home).upload(self.run_dir, "", names=list(RUN_FILES))
+            # Not redis.conf: it holds the server's password when it has one (it is rewritten at every start).
+            Storage(self.home).upload(self.run_dir, "", names=list(RUN_FILES), skip=("redis/redis.conf",))
         except OSError as e:
             log.warning("could not upload the run's files to %s: %s", display(self.home), e)
 

@@ -100,8 +100,9 @@ class Storage:
         with self.fs.open_output_stream(target) as f:
             f.write(text.encode())
 
-    def upload(self, local_dir: str, rel: str, names: Optional[List[str]] = None) -> Dict[str, int]:
-        """Copy ``local_dir`` (or only ``names`` in it, files or folders) to ``rel``; returns name -> size."""
+    def upload(self, local_dir: str, rel: str, names: Optional[List[str]] = None, skip: Tuple[str, ...] = ()) -> Dict[str, int]:
+        """Copy ``local_dir`` (or only ``names`` in it, files or folders, less the relative paths in
+        ``skip``) to ``rel``; returns name -> size."""
         import pyarrow.fs as pafs
 
         local = pafs.LocalFileSystem()
@@ -110,7 +111,7 @@ class Storage:
             for fn in filenames:
                 src = os.path.join(dirpath, fn)
                 name = os.path.relpath(src, local_dir)
-                if names is not None and name.split(os.sep)[0] not in names:
+                if (names is not None and name.split(os.sep)[0] not in names) or name.replace(os.sep, "/") in skip:
                     continue
                 dst = self.path(f"{rel}/{name}" if rel else name)
                 if not self.remote:

@@ -40,7 +40,8 @@ def test_storage_writes_reads_lists_copies_and_deletes(where, tmp_path, s3_serve
     (src / "hf" / "w.bin").write_bytes(b"x" * 1000)
     (src / "meta.json").write_text("{}")
     (src / "skip.txt").write_text("no")
-    assert st.upload(str(src), "step_1", names=["hf", "meta.json"]) == {"hf/w.bin": 1000, "meta.json": 2}
+    (src / "hf" / "secret.conf").write_text("requirepass x")
+    assert st.upload(str(src), "step_1", names=["hf", "meta.json"], skip=("hf/secret.conf",)) == {"hf/w.bin": 1000, "meta.json": 2}
     assert st.files("step_1") == {"hf/w.bin": 1000, "meta.json": 2}
     got = tmp_path / "got"
     assert sorted(st.download("step_1", str(got))) == ["hf/w.bin", "meta.json"]
