@@ -27,12 +27,14 @@ import yaml
 
 from agro_dist import config as config_mod
 from agro_dist.config import ConfigError
+from agro_dist.storage import fetch
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m agro_dist.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a Hugging Face model folder (a checkpoint's hf/), or 'default'")
+    p.add_argument("--model", required=True, help="a Hugging Face model folder (a checkpoint's hf/, also on run.storage_path's "
+                                                  "bucket: s3://.../hf), or 'default'")
     p.add_argument("--config", help="a run's config.yaml: evaluate the way that run did (task, reward, temperature, seed)")
     p.add_argument("--task", help="arithmetic, math, math500, gsm8k or jsonl (default: the config's generator.task)")
     p.add_argument("--task-path", help="data file or folder for math/math500/gsm8k/jsonl")
@@ -50,6 +52,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = parser().parse_known_args(argv)
+    shown = own.model
+    try:  # a checkpoint or config on run.storage_path's bucket: a local copy first
+        own.model, own.config = fetch(own.model), own.config and fetch(own.config)
+    except OSError as e:
+        print(f"agro_dist.evaluate: error: {e}", file=sys.stderr)
+        return 3
     try:
         cfg, _ = config_mod.from_args((["--config", own.config] if own.config else []) + rest)
         overrides = {}
@@ -82,9 +90,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         res = gen.evaluate(size or None, samples=samples)
     finally:
         gen.close()
-    res.update(model=own.model, task=gc["task"], task_path=gc["task_path"], temperature=gc["temperature"], samples=samples,
+    res.update(model=shown, task=gc["task"], task_path=gc["task_path"], temperature=gc["temperature"], samples=samples,
                seconds=round(time.perf_counter() - t, 1))
-    print(f"\nheld-out accuracy of {own.model} on {gc['task']} ({int(res['eval_problems'])} problems)\n"
+    print(f"\nheld-out accuracy of {shown} on {gc['task']} ({int(res['eval_problems'])} problems)\n"
           f"  greedy               {100 * res['greedy_accuracy']:5.1f}%\n"
           f"  sampled (T={gc['temperature']:g}, {samples} each) {100 * res['sampled_accuracy']:5.1f}%", flush=True)
     print("AGRO_EVAL " + json.dumps(res), flush=True)

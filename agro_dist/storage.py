@@ -144,6 +144,26 @@ class Storage:
             self.fs.delete_dir(target)
 
 
+def fetch(uri: str) -> str:
+    """A local copy of a remote file or folder (a new temporary folder; the caller may remove it);
+    a local path is returned as it is."""
+    if not is_remote(uri):
+        return uri
+    import pyarrow.fs as pafs
+
+    st = Storage(uri)
+    kind = st.fs.get_file_info(st.base).type
+    if kind == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{display(uri)}: not found")
+    local = tempfile.mkdtemp(prefix="agro_dist-fetch-")
+    if kind == pafs.FileType.File:
+        dst = os.path.join(local, st.base.rstrip("/").rsplit("/", 1)[-1])
+        pafs.copy_files(st.base, dst, source_filesystem=st.fs, destination_filesystem=pafs.LocalFileSystem())
+        return dst
+    st.download("", local)
+    return local
+
+
 # ---------------------------------------------------------------------- checkpoints on remote storage
 
 

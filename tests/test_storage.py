@@ -70,6 +70,14 @@ def test_learner_checkpoint_on_s3_loads_back_and_is_checked_against_its_manifest
     local, name = fetch_checkpoint(root)
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(local, "hf"))
     assert all(torch.equal(v, sd[k]) for k, v in hf.state_dict().items() if k in sd)
+    # python -m agro_dist.evaluate takes the bucket's hf/ and config.yaml: local copies first.
+    from agro_dist.storage import fetch
+
+    got = fetch(join(root, "step_00000001", "hf"))
+    assert sorted(os.listdir(got)) == sorted(k.split("/", 1)[1] for k in manifest if k.startswith("hf/"))
+    assert open(fetch(join(root, "step_00000001", "meta.json"))).read() == st.read_text("step_00000001/meta.json")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        fetch(join(root, "step_00000009"))
     # The final model card is rewritten in place and the manifest follows it.
     learner.update_model_card(root, {"after": {"version": 1, "greedy_accuracy": 0.5, "sampled_accuracy": 0.25, "eval_problems": 4}})
     assert "25.0%" in st.read_text("step_00000001/hf/README.md")
