@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -131,14 +130,14 @@ def _init_distributed() -> None:
     if "RANK" in os.environ:  # torchrun, or a Ray actor that set the usual variables
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
         return
-    # A lone process: a world of one on a fresh loopback port, passed explicitly rather than
-    # through os.environ, which child processes would inherit (and collide on the port).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # A lone process: a world of one through a file store, passed explicitly rather than through
+    # os.environ, which child processes would inherit. Not a TCP port: a free port found by
+    # binding and closing can be taken by another process before the store binds it (EADDRINUSE,
+    # seen once in CI while vLLM and Ray workers started next to it).
+    store = os.path.join(tempfile.mkdtemp(prefix="agro_dist-world-"), "store")
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts it; alone it selects nothing
     deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False,
-                               init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+                               init_method=f"file://{store}", rank=0, world_size=1)
 
 
 def lr_at(cfg: LearnerConfig, step: int) -> float:
