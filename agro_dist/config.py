@@ -88,6 +88,10 @@ class ResourcesSection:
     eval_memory_gb: float = 2.0
     threads: int = 0
     generator_max_restarts: int = -1
+    generator_resources: Dict[str, float] = field(default_factory=dict)
+    learner_resources: Dict[str, float] = field(default_factory=dict)
+    eval_resources: Dict[str, float] = field(default_factory=dict)
+    learner_placement: str = "PACK"
 
 
 # Driver-owned fields of the component configs: not user keys.
@@ -162,6 +166,10 @@ HELP: Dict[str, str] = {
     "resources.eval_memory_gb": "memory for the eval actor",
     "resources.threads": "threads per actor (OMP_NUM_THREADS); 0 = the driver node's core count (the parts take turns in sync mode)",
     "resources.generator_max_restarts": "Ray max_restarts of generator actors (-1 = always restart)",
+    "resources.generator_resources": "custom Ray resources per generator actor, e.g. {gen_node: 1} (nodes started with ray start --resources)",
+    "resources.learner_resources": "custom Ray resources per learner rank (each rank's placement-group bundle)",
+    "resources.eval_resources": "custom Ray resources for the eval actor",
+    "resources.learner_placement": "placement strategy of the learner ranks' group: PACK (fewest nodes), SPREAD, STRICT_PACK or STRICT_SPREAD (one rank per node)",
     # generator
     "generator.task": "arithmetic, math, math500, gsm8k or jsonl",
     "generator.task_path": "data file or folder for math/math500/gsm8k/jsonl",
@@ -427,6 +435,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("set a budget: run.steps, run.max_samples, run.max_minutes (or run.epochs offline)")
     if res.num_generators < 1 or res.learner_ranks < 1:
         raise ConfigError("resources.num_generators and resources.learner_ranks must be >= 1")
+    if res.learner_placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        raise ConfigError(f"resources.learner_placement must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {res.learner_placement!r}")
+    for k in ("generator_resources", "learner_resources", "eval_resources"):
+        v = getattr(res, k)
+        if not isinstance(v, dict) or not all(isinstance(n, str) and isinstance(x, (int, float)) and x >= 0 for n, x in v.items()):
+            raise ConfigError(f"resources.{k} must map resource names to amounts >= 0, e.g. {{gen_node: 1}}; got {v!r}")
+        if set(v) & {"CPU", "GPU", "memory"}:
+            raise ConfigError(f"resources.{k}: CPU, GPU and memory have their own keys (resources.*_cpus, *_gpus, *_memory_gb)")
     if lc.batch_groups % res.learner_ranks or (lc.batch_groups // res.learner_ranks) % lc.micro_groups:
         raise ConfigError(f"learner.batch_groups ({lc.batch_groups}) must split into resources.learner_ranks ({res.learner_ranks}) "
                           f"x a multiple of learner.micro_groups ({lc.micro_groups})")

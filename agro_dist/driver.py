@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -139,10 +140,23 @@ class Driver:
         self.started = True
         log.info("started %d generator(s), %d learner rank(s), an eval actor in %.0f s; buffer %s; run folder %s",
                  len(self.generators), len(self.learners), time.perf_counter() - t,
-                 self.buffer_url or f"none (offline: {self.cfg.data.path})",
+                 _redact(self.buffer_url) if self.buffer_url else f"none (offline: {self.cfg.data.path})",
                  f"{display(self.home)} (work folder {self.run_dir})" if self.remote else self.run_dir)
         if meta:
             log.info("resumed at step %d (version %d, %d samples)", self.step, self.version, self.samples)
+        self._log_placement()
+
+    def _log_placement(self) -> None:
+        """One line saying which node (address) each actor runs on: on a cluster, where to look."""
+        actors = [(f"generator-{i}", a) for i, a in enumerate(self.generators)] + \
+                 [(f"learner-{r}", a) for r, a in enumerate(self.learners)] + [("eval", self.evaluator)]
+        try:
+            ips = ray.get([a.__ray_call__.remote(lambda _self: ray.util.get_node_ip_address()) for _, a in actors], timeout=60)
+        except Exception as e:  # informative only
+            log.warning("could not ask the actors where they run: %s", _first_line(e))
+            return
+        log.info("placement: %s (driver on %s)", ", ".join(f"{n} on {ip}" for (n, _), ip in zip(actors, ips)),
+                 ray.util.get_node_ip_address())
 
     def _check_model(self) -> None:
         from agro_dist.models import resolve_model
@@ -217,11 +231,15 @@ class Driver:
     def _demand(self) -> Dict[str, float]:
         r = self.cfg.resources
         G, N = (0 if self.cfg.run.mode == "offline" else r.num_generators), r.learner_ranks
-        return {
+        need = {
             "CPU": G * r.generator_cpus + N * r.learner_cpus + r.eval_cpus,
             "GPU": G * r.generator_gpus + N * r.learner_gpus + r.eval_gpus,
             "memory": 1e9 * (G * r.generator_memory_gb + N * r.learner_memory_gb + r.eval_memory_gb),
         }
+        for count, custom in ((G, r.generator_resources), (N, r.learner_resources), (1, r.eval_resources)):
+            for k, v in custom.items():
+                need[k] = need.get(k, 0.0) + count * v
+        return need
 
     def _check_resources(self) -> None:
         have = ray.cluster_resources()
@@ -230,6 +248,9 @@ class Driver:
         for k, v in need.items():
             if v > have.get(k, 0.0) + 1e-9:
                 unit = " GB" if k == "memory" else ""
+                if k not in ("CPU", "GPU", "memory") and k not in have:
+                    short.append(f"{k}: requested {v:g}, no node has it (nodes get custom resources from `ray start --resources`)")
+                    continue
                 scale = 1e-9 if k == "memory" else 1.0
                 short.append(f"{k}: requested {v * scale:g}{unit}, cluster has {have.get(k, 0.0) * scale:g}{unit}")
         if short:
@@ -253,11 +274,18 @@ class Driver:
                 with connect(url, socket_connect_timeout=t, socket_timeout=t, retry=None) as c:
                     c.ping()
             except Exception as e:
-                raise StartupError(f"Redis unreachable at {url} (buffer.redis_url; {self.cfg.run.connect_timeout_s:g} s limit): {e}") from None
+                raise StartupError(f"Redis unreachable at {_redact(url)} (buffer.redis_url; {self.cfg.run.connect_timeout_s:g} s limit): {e}") from None
         else:
+            # On a cluster the actors on other nodes must reach it: bound to this node's cluster
+            # address (never 0.0.0.0), protected mode on, a password made for this run. The password
+            # travels in the URL given to the actors' constructors (not in logs, config.yaml, env
+            # vars or anything the dashboard shows). A private local Ray stays on 127.0.0.1.
+            node_ip = ray.util.get_node_ip_address()
+            cluster = not self.own_ray and node_ip not in ("127.0.0.1", "localhost", "::1")
             try:
-                self.redis = RedisServer(os.path.join(self.run_dir, "redis"), port=b.redis_port or None,
-                                         appendfsync=b.appendfsync).start()
+                self.redis = RedisServer(os.path.join(self.run_dir, "redis"), port=b.redis_port or None, appendfsync=b.appendfsync,
+                                         host=node_ip if cluster else "127.0.0.1",
+                                         password=secrets.token_urlsafe(32) if cluster else None).start()
             except Exception as e:
                 raise StartupError(f"cannot start the private Redis (buffer.redis_port={b.redis_port}): {e}") from None
             url = self.redis.url
@@ -276,9 +304,9 @@ class Driver:
 
     def _actor_options(self, kind: str, name: str) -> Dict[str, Any]:
         r = self.cfg.resources
-        cpus, gpus, mem = {"generator": (r.generator_cpus, r.generator_gpus, r.generator_memory_gb),
-                           "learner": (r.learner_cpus, r.learner_gpus, r.learner_memory_gb),
-                           "eval": (r.eval_cpus, r.eval_gpus, r.eval_memory_gb)}[kind]
+        cpus, gpus, mem, custom = {"generator": (r.generator_cpus, r.generator_gpus, r.generator_memory_gb, r.generator_resources),
+                                   "learner": (r.learner_cpus, r.learner_gpus, r.learner_memory_gb, r.learner_resources),
+                                   "eval": (r.eval_cpus, r.eval_gpus, r.eval_memory_gb, r.eval_resources)}[kind]
         # Ray gives an actor OMP_NUM_THREADS = its CPU request (1 here); on a small machine where
         # the parts take turns (sync mode) each should use every core while it runs.
         threads = r.threads or os.cpu_count() or 1
@@ -286,6 +314,8 @@ class Driver:
                     runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
         if mem:
             opts["memory"] = int(mem * 1e9)
+        if custom and kind != "learner":  # a learner rank gets its custom resources through its placement-group bundle
+            opts["resources"] = dict(custom)
         return opts
 
     def _actor_name(self, role: str) -> str:
@@ -319,9 +349,9 @@ class Driver:
 
         r = self.cfg.resources
         N = r.learner_ranks
-        bundle = {"CPU": r.learner_cpus, "GPU": r.learner_gpus, "memory": r.learner_memory_gb * 1e9}
+        bundle = {"CPU": r.learner_cpus, "GPU": r.learner_gpus, "memory": r.learner_memory_gb * 1e9, **r.learner_resources}
         bundle = {k: v for k, v in bundle.items() if v}
-        self._pg = placement_group([bundle] * N, strategy="PACK") if bundle else None
+        self._pg = placement_group([bundle] * N, strategy=r.learner_placement) if bundle else None
         master_addr, master_port = "127.0.0.1", None
         if self._pg is not None:
             wait_s = self.cfg.run.startup_timeout_s
@@ -792,6 +822,13 @@ def _latest_hf(ckpt_dir: str) -> str:
         return display(join(ckpt_dir, name, "hf"))
     except OSError:
         return "(no checkpoint)"
+
+
+def _redact(url: str) -> str:
+    """A Redis URL fit for a log: the password replaced by ***."""
+    import re
+
+    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", re.sub(r"password=[^&]*", "password=***", url))
 
 
 def _first_line(e: BaseException) -> str:

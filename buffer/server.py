@@ -112,8 +112,10 @@ class RedisServer:
             # The buffer evicts its own history; Redis must refuse writes rather than drop keys.
             lines += [f"maxmemory {self.maxmemory}", "maxmemory-policy noeviction"]
         path = os.path.join(self.dir, "redis.conf")
-        with open(path, "w") as f:
+        # Only this user may read it: it holds the password when there is one.
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write("\n".join(lines) + "\n")
+        os.chmod(path, 0o600)
         return path
 
     @property

@@ -23,6 +23,20 @@ import ray
 from agro_dist.records import Group
 
 
+def _interface_of(ip: str) -> Optional[str]:
+    """The network interface that holds ``ip`` (None for loopback or when none does)."""
+    import socket
+
+    import psutil
+
+    if ip.startswith("127."):
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == ip for a in addrs):
+            return name
+    return None
+
+
 class LearnerWorker:
     def __init__(
         self,
@@ -39,6 +53,13 @@ class LearnerWorker:
             raise ValueError("master_port is required for more than one rank")
         if world_size > 1 or master_port:
             os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        if world_size > 1 and "GLOO_SOCKET_IFNAME" not in os.environ:
+            # Gloo advertises the address its host name resolves to, often 127.0.0.1 / 127.0.1.1:
+            # ranks on other nodes then connect to themselves ("connectFullMesh failed ... Connection
+            # refused, remote=[127.0.0.1]"). Use the interface of this node's Ray address instead.
+            ifname = _interface_of(ray.util.get_node_ip_address())
+            if ifname:
+                os.environ["GLOO_SOCKET_IFNAME"] = ifname
         from .learner import Learner, LearnerConfig  # imported here: DeepSpeed reads the env above
 
         self.learner = Learner(LearnerConfig(**cfg))

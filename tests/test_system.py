@@ -415,7 +415,7 @@ def _without_output_dir(args):
 def test_ray_job_submit_runs_the_job_and_its_metrics_reach_the_head(head, tiny_vllm_model, tmp_path):
     # As the README says: no output_dir, so the run is kept in ~/agro_dist_results, never in the job's
     # temporary working directory (HOME points into tmp_path for the test).
-    args = _without_output_dir(_args(tiny_vllm_model, tmp_path, "job", "--run.mode", "async", "--run.steps", "30"))
+    args = _without_output_dir(_args(tiny_vllm_model, tmp_path, "job", "--run.mode", "async", "--run.steps", "16"))
     home = tmp_path / "home"
     # The caches stay where they are (a new HOME would rebuild DeepSpeed's extension in every actor).
     env_vars = {"PYTHONPATH": TESTS, "HOME": str(home), "XDG_CACHE_HOME": os.path.join(os.path.expanduser("~"), ".cache")}
@@ -441,17 +441,17 @@ def test_ray_job_submit_runs_the_job_and_its_metrics_reach_the_head(head, tiny_v
     run = home / "agro_dist_results" / "job"
     assert f"run job is kept in {run} (run.storage_path: a Ray job's working directory is temporary)" in logs
     assert f"outputs: {run} " in logs
-    assert len(_rows(run / "train.csv")) == 30 and (run / "checkpoints" / "latest").read_text() == "step_00000030"
+    assert len(_rows(run / "train.csv")) == 16 and (run / "checkpoints" / "latest").read_text() == "step_00000016"
     # A second job continues the run from there, and the same run name is never started afresh by mistake.
-    job_id = _submit(head, [*args, "--run.steps", "32", "--run.resume", "true"], env_vars)
+    job_id = _submit(head, [*args, "--run.steps", "18", "--run.resume", "true"], env_vars)
     status, logs = _wait_job(head, job_id)
     assert f"Job '{job_id}' succeeded" in status, status + logs[-4000:]
-    assert "resumed at step 30" in logs
-    assert [int(r["step"]) for r in _rows(run / "train.csv")][-2:] == [31, 32]
-    assert (run / "checkpoints" / "latest").read_text() == "step_00000032"
+    assert "resumed at step 16" in logs
+    assert [int(r["step"]) for r in _rows(run / "train.csv")][-2:] == [17, 18]
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000018"
     job_id = _submit(head, args, env_vars)
     status, logs = _wait_job(head, job_id)
-    assert "failed" in status and "already holds a run (latest checkpoint step_00000032): continue it with --run.resume true" in logs
+    assert "failed" in status and "already holds a run (latest checkpoint step_00000018): continue it with --run.resume true" in logs
     shutil.rmtree(home, ignore_errors=True)
 
 
