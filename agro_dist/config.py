@@ -235,13 +235,6 @@ class Config:
             return home if is_remote(home) else local_path(home)
         return local_path(os.path.join(self.run.output_dir, self.run.name))
 
-    @property
-    def run_dir(self) -> str:
-        """The run's local folder: its home when that is local (remote storage: the driver's work folder)."""
-        from agro_dist.storage import is_remote
-
-        return os.path.join(self.run.output_dir, self.run.name) if is_remote(self.run_home) else self.run_home
-
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"model": self.model}
         for sec in SECTIONS:

@@ -80,7 +80,7 @@ class Driver:
         # checkpoint and at the end (the learner uploads its checkpoints itself).
         self.home = cfg.run_home
         self.remote = is_remote(self.home)
-        self.run_dir = tempfile.mkdtemp(prefix=f"agro_dist-{cfg.run.name}-") if self.remote else os.path.abspath(cfg.run_dir)
+        self.run_dir = tempfile.mkdtemp(prefix=f"agro_dist-{cfg.run.name}-") if self.remote else self.home
         self.ckpt_dir = join(self.home, "checkpoints")
         self.step = 0
         self.samples = 0
@@ -765,7 +765,7 @@ class Driver:
         if self.own_ray and ray.is_initialized() and not self.abandoned:
             ray.shutdown()
         if self.remote and self._log_file is not None:
-            self.sync_outputs()  # the log's last lines (a failure's traceback) and Redis's final files
+            self.sync_outputs()  # the final upload: tables, plots, summary, the log's last lines (a failure's traceback), Redis's files
         if self._log_file is not None:
             logging.getLogger().removeHandler(self._log_file)
             self._log_file.close()
@@ -928,7 +928,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             json.dump(result, f, indent=1, default=float)
         if cfg.run.plots:
             log.info("plots: %s", plot_run(d.run_dir))
-        d.sync_outputs()
         print(summary_table(result), flush=True)
         # One machine-readable line for tools that only see the job's log (deploy/sweep.py).
         print("AGRO_RESULT " + json.dumps({k: result[k] for k in ("before", "after", "elapsed_s", "steps", "samples")} | {

@@ -28,6 +28,16 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, storage unreachable); the previous one is intact."""
 
 
+def atomic_write(path: str, text: str) -> None:
+    """Write a local file whole: a temporary file, fsynced, renamed over ``path``."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def is_remote(path: str) -> bool:
     """A URI for pyarrow.fs (``s3://``, ``gs://``, ``hdfs://``, ...); ``file://`` and plain paths are local."""
     return "://" in path and not path.startswith("file://")
@@ -90,12 +100,7 @@ class Storage:
         target = self.path(rel)
         if not self.remote:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            atomic_write(target, text)
             return
         with self.fs.open_output_stream(target) as f:
             f.write(text.encode())

@@ -36,7 +36,7 @@ from agro_dist.losses import get_loss, min_group_size, needs_behaviour_logprobs,
 from agro_dist.model_card import copy_tokenizer, write_model_card  # noqa: E402
 from agro_dist.models import resolve_model  # noqa: E402
 from agro_dist.records import Group  # noqa: E402
-from agro_dist.storage import CheckpointWriteError, Storage, commit_checkpoint, display, fetch_checkpoint, is_remote, join, latest_checkpoint  # noqa: E402
+from agro_dist.storage import CheckpointWriteError, Storage, atomic_write, commit_checkpoint, display, fetch_checkpoint, is_remote, join, latest_checkpoint  # noqa: E402
 
 from .batching import MicroBatch, check_groups, collate, has_behaviour_logprobs  # noqa: E402
 from .logprobs import chunked_logprobs, module_chunked_logprobs, token_kl, token_kl_metric  # noqa: E402
@@ -583,7 +583,7 @@ class Learner:
                 if os.path.exists(final):
                     shutil.rmtree(final)
                 os.rename(tmp, final)
-                _atomic_write(os.path.join(root, "latest"), name)
+                atomic_write(os.path.join(root, "latest"), name)
             except Exception as e:  # noqa: BLE001
                 err = e
         if not self._all_ok(err is None):
@@ -716,11 +716,3 @@ def _fsync_tree(path: str) -> None:
             with open(os.path.join(dirpath, f), "rb") as fh:
                 os.fsync(fh.fileno())
 
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -4,7 +4,6 @@ namespace as from a laptop. Needs root (CI runs as root); skipped otherwise."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -19,6 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(ROOT, "deploy"))
+
+from test_system import _args as system_args, _rows, _without_output_dir  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="network namespaces need root and iproute2")
 
@@ -40,13 +41,9 @@ def cluster():
 
 
 def _args(model, store, name, *extra):
-    return ["--model", model, "--run.storage_path", str(store), "--run.name", name, "--generator.max_tokens", "8",
-            "--generator.n", "2", "--generator.prompts_per_call", "2", "--generator.max_model_len", "256",
-            "--generator.kv_cache_gb", "1", "--generator.reward_fn", "reward_fns:even_length",
-            "--learner.batch_groups", "4", "--learner.micro_groups", "2", "--learner.lr", "1e-3",
-            "--run.eval_size", "6", "--run.eval_samples", "2", "--run.eval_every", "0",
-            "--resources.generator_memory_gb", "1", "--resources.learner_memory_gb", "1", "--resources.eval_memory_gb", "1",
-            "--resources.threads", "1", *extra]
+    # test_system's tiny run, kept in run.storage_path, no evaluation between steps, one thread per actor.
+    return _without_output_dir(system_args(model, store, name, "--run.storage_path", str(store), "--run.eval_every", "0",
+                                           "--resources.threads", "1", *extra))
 
 
 def _job(cluster, args, timeout=900):
@@ -60,11 +57,6 @@ def _job(cluster, args, timeout=900):
             return p.returncode, p.stdout + p.stderr
         time.sleep(2)
     return p.returncode, p.stdout + p.stderr
-
-
-def _rows(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def test_actors_on_other_nodes_share_a_guarded_buffer_and_stay_on_policy(cluster, tiny_vllm_model, tmp_path):

@@ -112,4 +112,4 @@ def test_a_ray_job_keeps_runs_outside_its_working_directory(monkeypatch, tmp_pat
     assert cfg.run.storage_path is None and cfg.run_home == str(tmp_path / "abs" / "j")
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     cfg, _ = config.from_args(["--run.name", "j"])
-    assert cfg.run.storage_path is None and cfg.run_dir == os.path.abspath(os.path.join("runs", "j"))
+    assert cfg.run.storage_path is None and cfg.run_home == os.path.abspath(os.path.join("runs", "j"))
