@@ -53,7 +53,7 @@ class GeneratorConfig:
     generator_id: str = "gen-0"
     max_model_len: int = 1024
     dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
-    kv_cache_gb: float = 2.0  # CPU backend: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    kv_cache_gb: float = 0.0  # CPU backend: KV cache size; 0 = auto (see _auto_kv_cache_bytes)
     vllm: Dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments
 
 
@@ -64,13 +64,17 @@ class Generator:
         self.task = load_task(cfg.task, cfg.task_path, **cfg.task_options)
         self.scorer = RewardScorer(cfg.reward_fn or self.task.reward_fn, timeout_s=cfg.reward_timeout_s)
         on_gpu = torch.cuda.is_available()
-        if not on_gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gb)))))
         from vllm import LLM
 
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         kw = dict(model=self.model_path, dtype=dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
                   enforce_eager=not on_gpu, gpu_memory_utilization=0.5 if not on_gpu else 0.85)
+        # CPU: the KV cache is allocated whole at start-up, so its size is resident memory for the
+        # engine's life. A user's VLLM_CPU_KVCACHE_SPACE (whole GiB) still wins, as in vLLM.
+        self.kv_cache_bytes = None
+        if not on_gpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and "kv_cache_memory_bytes" not in cfg.vllm:
+            self.kv_cache_bytes = kw["kv_cache_memory_bytes"] = (int(cfg.kv_cache_gb * 1e9) if cfg.kv_cache_gb > 0
+                                                                 else self._auto_kv_cache_bytes(dtype))
         kw.update(cfg.vllm)
         t = time.perf_counter()
         self.llm = LLM(**kw)
@@ -78,8 +82,31 @@ class Generator:
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
         self._problems = self.task.train(seed=cfg.seed)
+        self._eval_tasks: Dict[str, tuple] = {}  # other tasks this generator evaluates on (run.eval_task)
         self.stats = dict(groups=0, completions=0, tokens=0, generate_s=0.0, reward_s=0.0, weight_updates=0, weight_update_s=0.0,
                           prompts_too_long=0)
+
+    def _auto_kv_cache_bytes(self, dtype: str) -> int:
+        """Room for two training calls at once: ``2 x n x prompts_per_call`` sequences of the
+        longest of 32 training prompts + ``max_tokens``, in whole 128-token blocks (vLLM's CPU
+        block), and at least one ``max_model_len`` sequence. A bigger batch (an evaluation of
+        many problems x samples) runs in waves; the default run's evaluation takes ~1.2x longer
+        than with room for all of it at once (144 sequences) and the engine holds ~0.5 GB less."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        cfg, block = self.cfg, 128
+        hf = AutoConfig.from_pretrained(self.model_path)
+        hf = getattr(hf, "text_config", hf)
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        per_token = 2 * hf.num_hidden_layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+        tok = AutoTokenizer.from_pretrained(self.model_path)
+        it = self.task.train(seed=cfg.seed)
+        longest = max(len(tok.encode(format_prompt(tok, next(it), self.task.instruction))) for _ in range(32))
+        seq = min(cfg.max_model_len, longest + cfg.max_tokens)
+        blocks = 2 * cfg.n * cfg.prompts_per_call * -(-seq // block)
+        blocks = max(blocks, -(-cfg.max_model_len // block))
+        return blocks * block * per_token
 
     # ------------------------------------------------------------------ sampling
 
@@ -92,13 +119,13 @@ class Generator:
         return SamplingParams(n=n, temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0,
                               max_tokens=max_tokens or cfg.max_tokens, stop=cfg.stop or None, logprobs=0)
 
-    def _prompt(self, problem: Problem) -> str:
-        return format_prompt(self.tokenizer, problem, self.task.instruction)
+    def _prompt(self, problem: Problem, task=None) -> str:
+        return format_prompt(self.tokenizer, problem, (task or self.task).instruction)
 
-    def _fits(self, problem: Problem) -> bool:
+    def _fits(self, problem: Problem, task=None) -> bool:
         """Whether the problem's prompt leaves room for at least one completion token in
         ``max_model_len`` (vLLM refuses a longer prompt, which would stop the whole run)."""
-        return len(self.tokenizer.encode(self._prompt(problem))) < self.cfg.max_model_len
+        return len(self.tokenizer.encode(self._prompt(problem, task))) < self.cfg.max_model_len
 
     def _next_problem(self) -> Problem:
         for _ in range(10_000):
@@ -111,11 +138,13 @@ class Generator:
                             self.cfg.generator_id, self.stats["prompts_too_long"], self.cfg.max_model_len, p.id)
         raise ValueError(f"task {self.task.name}: no training prompt fits max_model_len={self.cfg.max_model_len} in 10000 draws")
 
-    def _generate(self, problems: List[Problem], sp) -> List[Any]:
-        prompts = [self._prompt(p) for p in problems]
+    def _generate(self, problems: List[Problem], sp, *, task=None, count: bool = True) -> List[Any]:
+        """``count``: add the time to the training generation's (the tokens/s metric); not for evaluations."""
+        prompts = [self._prompt(p, task) for p in problems]
         t = time.perf_counter()
         outs = self.llm.generate(prompts, sp, use_tqdm=False)
-        self.stats["generate_s"] += time.perf_counter() - t
+        if count:
+            self.stats["generate_s"] += time.perf_counter() - t
         return outs
 
     def generate(self, num_prompts: Optional[int] = None) -> List[Group]:
@@ -162,8 +191,12 @@ class Generator:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, size: Optional[int] = None, *, samples: int = 1) -> Dict[str, float]:
+    def evaluate(self, size: Optional[int] = None, *, samples: int = 1, task: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
         """Greedy and sampled accuracy on the task's held-out problems, with the current weights.
+
+        ``task``: evaluate on another task instead (``{task, task_path, task_options, reward_fn}``,
+        loaded once and kept): a generator that also evaluates (the default run) serves
+        ``run.eval_task`` without a second engine. The training stream is not touched.
 
         The sampled answers are drawn from a random stream seeded afresh with ``seed`` for every
         evaluation (and the stream in use restored afterwards), so the same weights give the same
@@ -172,14 +205,28 @@ class Generator:
         vLLM-CPU 0.32's chunked prefill.)"""
         state = torch.get_rng_state()
         torch.manual_seed(self.cfg.seed)
+        # Prompts cached by earlier training calls would change how vLLM schedules this batch, and
+        # with it which random numbers each answer gets: start from an empty cache, as a fresh engine does.
+        self.llm.reset_prefix_cache()
         try:
-            return self._evaluate(size, samples)
+            return self._evaluate(size, samples, *self._eval_task(task))
         finally:
             torch.set_rng_state(state)
 
-    def _evaluate(self, size: Optional[int], samples: int) -> Dict[str, float]:
-        problems = self.task.eval_set(size)
-        fit = [p for p in problems if self._fits(p)]
+    def _eval_task(self, spec: Optional[Dict[str, Any]]):
+        """(task, scorer) of an evaluation: the training task's, or another kept by its spec."""
+        if not spec:
+            return self.task, self.scorer
+        key = repr(sorted(spec.items()))
+        if key not in self._eval_tasks:
+            task = load_task(spec["task"], spec.get("task_path"), **(spec.get("task_options") or {}))
+            scorer = RewardScorer(spec.get("reward_fn") or task.reward_fn, timeout_s=self.cfg.reward_timeout_s)
+            self._eval_tasks[key] = (task, scorer)
+        return self._eval_tasks[key]
+
+    def _evaluate(self, size: Optional[int], samples: int, task, scorer) -> Dict[str, float]:
+        problems = task.eval_set(size)
+        fit = [p for p in problems if self._fits(p, task)]
         if len(fit) < len(problems):  # counted apart: the accuracy is over the problems that fit
             log.warning("evaluation: %d of %d held-out prompts are longer than max_model_len=%d and are left out",
                         len(problems) - len(fit), len(problems), self.cfg.max_model_len)
@@ -188,10 +235,10 @@ class Generator:
         problems = fit
         for mode, sp in (("greedy", self._sampling(n=1, temperature=0.0)),
                          ("sampled", self._sampling(n=samples, temperature=self.cfg.temperature))):
-            res = self._generate(problems, sp)
+            res = self._generate(problems, sp, task=task, count=False)
             correct, total = 0.0, 0
             for prob, r in zip(problems, res):
-                scores = self.scorer.score([o.text for o in r.outputs], prob.answer, prob.metadata)
+                scores = scorer.score([o.text for o in r.outputs], prob.answer, prob.metadata)
                 correct += sum(scores)
                 total += len(scores)
             out[f"{mode}_accuracy"] = correct / max(total, 1)
@@ -199,6 +246,8 @@ class Generator:
 
     def close(self) -> None:
         self.scorer.close()
+        for _, scorer in self._eval_tasks.values():
+            scorer.close()
 
 
 class GeneratorWorker(Generator):

@@ -46,6 +46,7 @@ class RunConfig:
     eval_task: Optional[str] = None
     eval_task_path: Optional[str] = None
     eval_task_options: Optional[Dict[str, Any]] = None
+    eval_engine: str = "auto"
     checkpoint_every: int = 0
     resume: bool = False
     ray_address: Optional[str] = None
@@ -83,10 +84,11 @@ class ResourcesSection:
     learner_gpus: float = 0.0
     eval_cpus: float = 0.0
     eval_gpus: float = 0.0
-    generator_memory_gb: float = 3.0
-    learner_memory_gb: float = 5.0
-    eval_memory_gb: float = 2.0
+    generator_memory_gb: float = 3.5
+    learner_memory_gb: float = 6.0
+    eval_memory_gb: float = 3.0
     threads: int = 0
+    object_store_gb: float = 0.0
     generator_max_restarts: int = -1
     generator_resources: Dict[str, float] = field(default_factory=dict)
     learner_resources: Dict[str, float] = field(default_factory=dict)
@@ -133,6 +135,10 @@ HELP: Dict[str, str] = {
     "run.eval_task": "task of the held-out evaluation (e.g. math500); null = the training task's held-out split",
     "run.eval_task_path": "data file or folder of run.eval_task; null = generator.task_path when the task is the same",
     "run.eval_task_options": "task arguments of run.eval_task; null = generator.task_options when the task is the same, else {}",
+    "run.eval_engine": "who evaluates: generator (generator 0, between its training calls: no second vLLM engine, ~2.5 GB less for the "
+                       "default run), separate (an eval actor with its own engine and resources.eval_*: evaluations never delay "
+                       "generation, for clusters with room), auto = generator in sync and async runs, separate in frozen and offline "
+                       "runs (their generators keep pi_ref, or there are none)",
     "run.checkpoint_every": "checkpoint every this many steps (and at the end); 0 = only at the end",
     "run.resume": "resume from the run folder's latest checkpoint (learner, version, counters)",
     "run.ray_address": "Ray cluster to join; default: RAY_ADDRESS, else start a private local Ray",
@@ -161,14 +167,18 @@ HELP: Dict[str, str] = {
     "resources.learner_gpus": "GPUs per learner rank",
     "resources.eval_cpus": "CPUs for the eval actor (0: it shares, it runs only between steps)",
     "resources.eval_gpus": "GPUs for the eval actor",
-    "resources.generator_memory_gb": "memory per generator actor (Ray resource request, checked before start)",
-    "resources.learner_memory_gb": "memory per learner rank",
-    "resources.eval_memory_gb": "memory for the eval actor",
+    "resources.generator_memory_gb": "memory per generator actor (Ray resource request, checked against the cluster's before start: "
+                                     "exit 3 saying what is missing); default: the default run's measured peak, 3.5 GB (docs/system.md)",
+    "resources.learner_memory_gb": "memory per learner rank; default: the default run's measured peak, 6 GB",
+    "resources.eval_memory_gb": "memory for the eval actor (run.eval_engine separate, frozen and offline runs)",
     "resources.threads": "threads per actor (OMP_NUM_THREADS); 0 = the driver node's core count (the parts take turns in sync mode)",
     "resources.generator_max_restarts": "Ray max_restarts of generator actors (-1 = always restart)",
     "resources.generator_resources": "custom Ray resources per generator actor, e.g. {gen_node: 1} (nodes started with ray start --resources)",
     "resources.learner_resources": "custom Ray resources per learner rank (each rank's placement-group bundle)",
     "resources.eval_resources": "custom Ray resources for the eval actor",
+    "resources.object_store_gb": "object store of a private local Ray (GB); 0 = auto: 2.5 x the policy's weights in the "
+                                 "learner's dtype, at least 0.5 GB (1.35 GB for SmolLM2-135M in float32); Ray's own default is 30 percent of "
+                                 "free memory, taken from what actors may request. A cluster's is set by `ray start --object-store-memory`",
     "resources.learner_placement": "placement strategy of the learner ranks' group: PACK (fewest nodes), SPREAD, STRICT_PACK or STRICT_SPREAD (one rank per node)",
     # generator
     "generator.task": "arithmetic, math, math500, gsm8k or jsonl",
@@ -184,7 +194,9 @@ HELP: Dict[str, str] = {
     "generator.prompts_per_call": "prompts per vLLM call (groups per put into the buffer)",
     "generator.max_model_len": "vLLM context length",
     "generator.dtype": "auto: float32 on CPU, bfloat16 on GPU",
-    "generator.kv_cache_gb": "vLLM CPU backend KV cache (GB)",
+    "generator.kv_cache_gb": "vLLM CPU backend KV cache (GB), resident for the engine's life; 0 = auto: room for two training calls "
+                             "(2 x n x prompts_per_call sequences of the longest prompt + max_tokens), at least one max_model_len "
+                             "sequence (0.38 GB for the default run); bigger batches (evaluations) run in waves",
     "generator.vllm": "extra vllm.LLM arguments, e.g. {gpu_memory_utilization: 0.5}",
     # learner
     "learner.ref_model": "reference model folder; default: the policy's initial weights",
@@ -246,6 +258,16 @@ class Config:
         d = dataclasses.asdict(self.generator)
         d.update(model=self.model, seed=self.run.seed + index, generator_id=f"gen-{index}")
         return d
+
+    def eval_on_generator(self) -> bool:
+        """Whether generator 0 evaluates (``run.eval_engine``) instead of an eval actor."""
+        return self.run.eval_engine == "generator" or (self.run.eval_engine == "auto" and self.run.mode in ("sync", "async"))
+
+    def eval_task_spec(self) -> Optional[Dict[str, Any]]:
+        """The evaluation task for ``Generator.evaluate(task=...)``: None when it is the training task."""
+        e, g = self.eval_generator_config(), self.generator_config(0)
+        keys = ("task", "task_path", "task_options", "reward_fn")
+        return None if all(e[k] == g[k] for k in keys) else {k: e[k] for k in keys}
 
     def eval_generator_config(self) -> Dict[str, Any]:
         """The eval actor's configuration: generator 0's, with the evaluation task."""
@@ -416,6 +438,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("run.replay_prob applies to generated data (async, frozen); offline runs pass over data.path in epochs")
     if r.mode == "sync" and (r.replay_prob != 0.0 or r.sync_every != 1):
         raise ConfigError("run.mode=sync is on-policy: it needs run.replay_prob=0 and run.sync_every=1 (use run.mode=async for replay)")
+    if r.eval_engine not in ("auto", "generator", "separate"):
+        raise ConfigError(f"run.eval_engine must be auto, generator or separate, got {r.eval_engine!r}")
+    if r.eval_engine == "generator" and r.mode not in ("sync", "async"):
+        raise ConfigError(f"run.eval_engine=generator needs generators that follow the learner (sync, async); run.mode={r.mode} "
+                          "evaluates on its own engine: use run.eval_engine auto or separate")
     if r.connect_timeout_s <= 0 or r.startup_timeout_s <= 0:
         raise ConfigError("run.connect_timeout_s and run.startup_timeout_s must be > 0")
     if not 0.0 <= r.replay_prob <= 1.0:

@@ -87,7 +87,9 @@ class Driver:
         self.elapsed_before = 0.0  # training time of earlier sessions of a resumed run
         self.gen_restarts = 0
         self.learner_restarts = 0
-        self.latest = None  # (version, ObjectRef of the weights) last published
+        self.latest = None  # (version, ObjectRef of the weights) last published; None once released (sync mode)
+        self.published_version = 0
+        self._broadcast_version = 0  # the version last sent to every generator (they start with the model's, 0)
         self.evals: List[Dict[str, float]] = []
         self.own_ray = False
         self.abandoned = False  # a start-up call never returned (a dead peer): exit without waiting for it
@@ -135,11 +137,13 @@ class Driver:
         if cfg.run.mode != "offline":
             self._start_generators()
         self._start_learner()
-        self._start_evaluator()
+        if not self.cfg.eval_on_generator():
+            self._start_evaluator()
         meta = self._restore() if resume else {}
         self.started = True
-        log.info("started %d generator(s), %d learner rank(s), an eval actor in %.0f s; buffer %s; run folder %s",
-                 len(self.generators), len(self.learners), time.perf_counter() - t,
+        log.info("started %d generator(s), %d learner rank(s)%s in %.0f s; buffer %s; run folder %s",
+                 len(self.generators), len(self.learners), ", an eval actor" if self.evaluator else " (generator 0 evaluates)",
+                 time.perf_counter() - t,
                  _redact(self.buffer_url) if self.buffer_url else f"none (offline: {self.cfg.data.path})",
                  f"{display(self.home)} (work folder {self.run_dir})" if self.remote else self.run_dir)
         if meta:
@@ -149,7 +153,7 @@ class Driver:
     def _log_placement(self) -> None:
         """One line saying which node (address) each actor runs on: on a cluster, where to look."""
         actors = [(f"generator-{i}", a) for i, a in enumerate(self.generators)] + \
-                 [(f"learner-{r}", a) for r, a in enumerate(self.learners)] + [("eval", self.evaluator)]
+                 [(f"learner-{r}", a) for r, a in enumerate(self.learners)] + ([("eval", self.evaluator)] if self.evaluator else [])
         try:
             ips = ray.get([a.__ray_call__.remote(lambda _self: ray.util.get_node_ip_address()) for _, a in actors], timeout=60)
         except Exception as e:  # informative only
@@ -186,7 +190,7 @@ class Driver:
             # "local": always a Ray of our own. Without it ray.init() joins whatever cluster Ray's
             # temp folder last recorded (ray_current_cluster), even a dead one (issue 18).
             kwargs = dict(address="local", runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
-                          log_to_driver=True)
+                          log_to_driver=True, object_store_memory=self._object_store_bytes())
         if address:
             ctx = self._join_cluster(kwargs, address, where, timeout)
         else:  # in the main thread: Ray ties the head's processes to the thread that starts them
@@ -198,6 +202,17 @@ class Driver:
         log.info("Ray %s: %s CPU, %s GPU; dashboard http://%s", address or "local (started here)",
                  ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0),
                  getattr(ctx, "dashboard_url", None) or "(not running)")
+
+    def _object_store_bytes(self) -> int:
+        """``resources.object_store_gb``, or sized for what the store carries: published weights,
+        one version while generators load it and the next being put (2.5 x the weights)."""
+        gb = self.cfg.resources.object_store_gb
+        if gb > 0:
+            return int(gb * 1e9)
+        from agro_dist.models import resolve_model, weights_bytes
+
+        per_param = 4 if self.cfg.learner.dtype == "float32" else 2
+        return max(int(2.5 * weights_bytes(resolve_model(self.cfg.model), per_param)), int(0.5e9))
 
     def _join_cluster(self, kwargs: Dict[str, Any], address: str, where: str, timeout: float):
         """``ray.init`` against a cluster, in a helper thread so that a head which accepts the
@@ -231,12 +246,13 @@ class Driver:
     def _demand(self) -> Dict[str, float]:
         r = self.cfg.resources
         G, N = (0 if self.cfg.run.mode == "offline" else r.num_generators), r.learner_ranks
+        E = 0 if self.cfg.eval_on_generator() else 1  # the eval actor, when there is one
         need = {
-            "CPU": G * r.generator_cpus + N * r.learner_cpus + r.eval_cpus,
-            "GPU": G * r.generator_gpus + N * r.learner_gpus + r.eval_gpus,
-            "memory": 1e9 * (G * r.generator_memory_gb + N * r.learner_memory_gb + r.eval_memory_gb),
+            "CPU": G * r.generator_cpus + N * r.learner_cpus + E * r.eval_cpus,
+            "GPU": G * r.generator_gpus + N * r.learner_gpus + E * r.eval_gpus,
+            "memory": 1e9 * (G * r.generator_memory_gb + N * r.learner_memory_gb + E * r.eval_memory_gb),
         }
-        for count, custom in ((G, r.generator_resources), (N, r.learner_resources), (1, r.eval_resources)):
+        for count, custom in ((G, r.generator_resources), (N, r.learner_resources), (E, r.eval_resources)):
             for k, v in custom.items():
                 need[k] = need.get(k, 0.0) + count * v
         return need
@@ -258,8 +274,9 @@ class Driver:
             raise StartupError("not enough resources for the requested actors (" + "; ".join(short) + f"). Requested: "
                                f"{r.num_generators} generator(s) x ({r.generator_cpus:g} CPU, {r.generator_gpus:g} GPU, "
                                f"{r.generator_memory_gb:g} GB), {r.learner_ranks} learner rank(s) x ({r.learner_cpus:g} CPU, "
-                               f"{r.learner_gpus:g} GPU, {r.learner_memory_gb:g} GB), eval ({r.eval_cpus:g} CPU, {r.eval_gpus:g} GPU, "
-                               f"{r.eval_memory_gb:g} GB); lower the resources.* keys or add nodes")
+                               f"{r.learner_gpus:g} GPU, {r.learner_memory_gb:g} GB)" + ("" if self.cfg.eval_on_generator() else
+                               f", eval ({r.eval_cpus:g} CPU, {r.eval_gpus:g} GPU, {r.eval_memory_gb:g} GB)") +
+                               "; lower the resources.* keys or add nodes")
 
     def _start_buffer(self) -> None:
         from agro_dist.buffer import ReplayBuffer
@@ -407,12 +424,24 @@ class Driver:
 
     @property
     def version(self) -> int:
-        return self.latest[0] if self.latest else 0
+        return self.published_version
 
     def _publish(self) -> None:
-        """Learner rank 0 puts its weights (version v) in the object store; ``self.latest`` holds the reference."""
+        """Learner rank 0 puts its weights (version v) in the object store; ``self.latest`` holds the reference.
+
+        Our reference to the previous weights is dropped first, so that the store can free them
+        (when nothing else holds them) before the new copy arrives. Should publishing fail, the
+        learner is rebuilt and ``_restore`` publishes and sends again."""
+        self.latest = None
         version, ref, _ = ray.get(self.learners[0].publish.remote())
-        self.latest = (version, ref)
+        self.latest, self.published_version = (version, ref), int(version)
+
+    def _weights(self) -> Tuple[int, Any]:
+        """(version, ref) of the learner's latest weights: the published copy, or, where sync mode
+        released it, a new one (the learner is idle whenever the sync loop asks)."""
+        if self.latest is None:
+            self._publish()
+        return self.latest
 
     def _broadcast(self, *, wait: bool) -> float:
         """Publish the learner's weights and send them to every generator (they load them
@@ -420,6 +449,7 @@ class Driver:
         t = time.perf_counter()
         self._publish()
         sends = [self._send_weights(g) for g in self.generators]
+        self._broadcast_version = self.version
         if wait:
             for i, ref in enumerate(sends):
                 if ref is None:
@@ -428,12 +458,23 @@ class Driver:
                     ray.get(ref)
                 except _ray_errors() as e:
                     self._gen_failed(i, e)
+            if self.cfg.run.mode == "sync":
+                # Every generator holds these weights now: release the object store's copy a whole
+                # learner step before the next one is put. Dropped just before that put instead,
+                # the store had not always freed it in time (the release reaches the owner, the
+                # learner, asynchronously): it then held two copies, and the pages of a store's
+                # high-water mark stay resident (measured: 1.08 GB of shared memory instead of 0.54
+                # for SmolLM2 from step 8 of the default run on). A generator restarted before the
+                # next broadcast gets a fresh copy (_weights).
+                self.latest = None
         return time.perf_counter() - t
 
     def _send_weights(self, gen) -> Any:
         if self.cfg.run.mode == "frozen":  # frozen generators keep the initial weights (a restart reloads them)
             return None
-        return gen.update_weights.remote(self.latest[0], self.latest[1]) if self.latest else None
+        if self.latest is None and self.published_version == 0:  # nothing published yet: a restarted generator has version 0
+            return None
+        return gen.update_weights.remote(*self._weights())
 
     def _learner_step(self, p: Optional[float]) -> List[Any]:
         return [a.step_from_buffer.remote(p=p) for a in self.learners]
@@ -538,19 +579,59 @@ class Driver:
             log.warning("could not upload the run's files to %s: %s", display(self.home), e)
 
     def _eval_submit(self):
+        """Start a held-out evaluation of the current weights: (step, samples, its ObjectRef).
+
+        Generator 0 evaluates (``Config.eval_on_generator``: sync and async runs by default) with
+        the weights it has; they are the learner's latest after a broadcast, and sent now if not
+        (async runs between broadcasts, the final evaluation). Otherwise the eval actor gets the
+        latest weights first."""
+        c = self.cfg.run
+        if self.evaluator is None:
+            gen = self.generators[0]
+            if self._broadcast_version != self.published_version:
+                self._send_weights(gen)
+            return (self.step, self.samples, gen.evaluate.remote(c.eval_size or None, samples=c.eval_samples, task=self.cfg.eval_task_spec()))
         if self.cfg.run.mode in ("offline", "frozen"):  # no per-step broadcast: publish the weights the eval needs
             if not self.latest or self.latest[0] != int(ray.get(self.learners[0].version.remote())):
                 self._publish()
-        if self.latest:
-            self.evaluator.update_weights.remote(self.latest[0], self.latest[1])
-        c = self.cfg.run
+        if self.published_version or self.latest:
+            self.evaluator.update_weights.remote(*self._weights())
         return (self.step, self.samples, self.evaluator.evaluate.remote(c.eval_size or None, samples=c.eval_samples))
 
-    def _eval_collect(self, pending, elapsed: float, *, wait: bool) -> Optional[Dict[str, float]]:
-        step, samples, ref = pending
-        if not wait and not ray.wait([ref], timeout=0)[0]:
-            return None
-        res = ray.get(ref)
+    def _eval_collect(self, pending, elapsed: float, *, wait: bool, retry: Optional[bool] = None) -> Optional[Dict[str, float]]:
+        """The evaluation's row (None while it runs, without ``wait``). An evaluation lost with its
+        generator is said in the log and skipped (an empty dict); one that must exist (``retry``,
+        default ``wait``: before and after) runs again once the generator is back (Ray restarts it:
+        a new engine, ~20 s; calls meanwhile fail at once), within ``run.startup_timeout_s``."""
+        retry = wait if retry is None else retry
+        deadline = time.monotonic() + self.cfg.run.startup_timeout_s
+        lost = 0
+        while True:
+            step, samples, ref = pending
+            if not wait and not ray.wait([ref], timeout=0)[0]:
+                return None
+            try:
+                res = ray.get(ref)
+                break
+            except _ray_errors() as e:
+                lost += 1
+                if lost == 1:
+                    who = "the eval actor" if self.evaluator is not None else "generator 0"
+                    log.warning("evaluation at step %d lost: %s failed (%s)%s", step, who, _first_line(e),
+                                "; it runs again once the actor is back" if retry else "")
+                if not retry:
+                    return {}
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(2.0)
+            try:
+                if self.evaluator is None:  # a restarted generator starts from the model's weights
+                    sent = self._send_weights(self.generators[0])
+                    if sent is not None:
+                        ray.get(sent)
+                pending = (step, samples, self._eval_submit()[2])
+            except _ray_errors():
+                pass  # still restarting: the next round submits again
         row = dict(step=step, samples=samples, elapsed_s=elapsed, **res)
         self.evals.append(row)
         self.monitor.eval(row)
@@ -637,6 +718,10 @@ class Driver:
         # "Before": the policy as it starts (the initial model, or the resumed checkpoint).
         before = self._eval_collect(self._eval_submit(), elapsed(), wait=True)
         pending_eval = None
+        # Sync mode with generator 0 evaluating: an evaluation due after step k starts once step
+        # k+1's groups are made, so it runs while the learner trains instead of delaying them.
+        eval_due = False
+        defer_eval = r.mode == "sync" and self.evaluator is None
         per_step = cfg.learner.batch_groups
         n_completions = per_step * cfg.generator.n
         max_backlog = r.max_backlog_groups or 2 * per_step
@@ -654,6 +739,8 @@ class Driver:
                 if r.mode == "sync":
                     self._produce_step(per_step)  # this step's groups, all with the current version
                     step_refs = self._learner_step(0.0)
+                    if eval_due:
+                        pending_eval, eval_due = self._eval_submit(), False
                 elif r.mode == "offline":
                     step_refs, step_completions = self._offline_step()
                 else:
@@ -695,17 +782,20 @@ class Driver:
                 if pending_eval is not None and self._eval_collect(pending_eval, elapsed(), wait=False) is not None:
                     pending_eval = None
                 if r.eval_every and self.step % r.eval_every == 0 and pending_eval is None and not self._done(elapsed()):
-                    pending_eval = self._eval_submit()
+                    if defer_eval:
+                        eval_due = True
+                    else:
+                        pending_eval = self._eval_submit()
                 log.info(progress_line(row, steps=r.steps, last_eval=self.evals[-1] if self.evals else None, eta_s=self._eta(elapsed())))
             try:
-                if not self.latest or self.latest[0] != int(ray.get(self.learners[0].version.remote())):
+                if self.published_version != int(ray.get(self.learners[0].version.remote())):
                     self._publish()
                 self._checkpoint(elapsed())
                 break
             except errors as e:
                 self._recover_learner(e)
         if pending_eval is not None:
-            self._eval_collect(pending_eval, elapsed(), wait=True)
+            self._eval_collect(pending_eval, elapsed(), wait=True, retry=False)
         after = self._eval_collect(self._eval_submit(), elapsed(), wait=True)
         try:  # the final model's card gets the final held-out accuracy, measured after it was written
             ray.get(self.learners[0].update_model_card.remote(self.ckpt_dir, self._card()), timeout=120)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -90,6 +91,22 @@ def _convert_default(out: str) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def weights_bytes(folder: str, bytes_per_param: int) -> int:
+    """The size of a Hugging Face folder's weights at ``bytes_per_param`` (its safetensors headers
+    give the parameter counts; nothing is loaded). A tied weight stored once counts once."""
+    import glob
+
+    from safetensors import safe_open
+
+    n = 0
+    for f in glob.glob(os.path.join(folder, "*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                shape = st.get_slice(k).get_shape()
+                n += math.prod(shape)
+    return n * bytes_per_param
 
 
 def resolve_model(name_or_path: str) -> str:

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
 def cluster():
     from netns_cluster import Cluster
 
-    # Learner ranks may go on either worker (learner_slot); the head keeps only the driver and the eval actor.
+    # Learner ranks may go on either worker (learner_slot); the head keeps the driver (generator 0 evaluates).
     # Ray's temp folders under a short root: its AF_UNIX socket paths must stay under 108 bytes.
     c = Cluster(prefix="agt", workers=2, subnet="10.77.0", root=f"/tmp/agt-{os.getpid()}", python_bin=BIN,
                 cpus={"head": 1, "w1": 2, "w2": 2}, resources={"w1": {"learner_slot": 1}, "w2": {"learner_slot": 1}})

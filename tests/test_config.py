@@ -39,10 +39,24 @@ def test_command_line_wins_over_the_file_which_wins_over_the_defaults(tmp_path):
     (["--learner.batch_groups", "6"], "must split into"),
     (["--buffer.redis_port", "6379"], "Ray's default GCS port"),
     (["--run.steps", "0"], "set a budget"),
+    (["--run.eval_engine", "gpu"], "run.eval_engine must be auto, generator or separate"),
+    (["--run.mode", "frozen", "--run.eval_engine", "generator"], "run.eval_engine=generator needs generators that follow the learner"),
 ])
 def test_bad_values_are_refused_with_the_key_named(args, message):
     with pytest.raises(config.ConfigError, match=re.escape(message)):
         config.from_args(args)
+
+
+def test_who_evaluates_follows_the_mode_and_another_eval_task_is_handed_to_the_generator():
+    def cfg(*a):
+        return config.from_args(list(a))[0]
+
+    assert cfg().eval_on_generator() and cfg("--run.mode", "async").eval_on_generator()
+    assert not cfg("--run.mode", "frozen").eval_on_generator()  # frozen generators keep pi_ref
+    assert not cfg("--run.eval_engine", "separate").eval_on_generator()
+    assert cfg().eval_task_spec() is None  # the training task's held-out split: the generator's own task
+    spec = cfg("--run.eval_task", "math500", "--run.eval_task_path", "/d/math500").eval_task_spec()
+    assert spec == dict(task="math500", task_path="/d/math500", task_options={}, reward_fn=None)
 
 
 def test_unknown_keys_in_the_file_name_the_file_and_the_key(tmp_path):

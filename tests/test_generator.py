@@ -137,3 +137,17 @@ def test_large_evaluation_batches_work_on_cpu(gen):
     enough for chunked prefill and requests carried their own sampling seeds."""
     r = gen.evaluate(size=20, samples=8)  # 8 samples of each held-out problem in one batch
     assert r["eval_problems"] == len(gen.task.eval_set(20)) > 10
+
+
+def test_evaluation_on_another_task_leaves_the_training_stream_alone(gen):
+    """A generator that also evaluates (run.eval_task on generator 0) loads the other task once,
+    reports on its held-out set, and its training draws go on as if nothing had happened."""
+    spec = dict(task="arithmetic", task_path=None, task_options={"levels": [2]}, reward_fn=None)
+    before = gen.evaluate(size=6, samples=2)
+    gen._problems, expect = gen.task.train(seed=123), gen.task.train(seed=123)  # a stream whose next draws are known
+    other = gen.evaluate(size=6, samples=2, task=spec)
+    assert other["eval_problems"] == 6 and len(gen._eval_tasks) == 1
+    assert {p.id for p in gen.task.eval_set(6)}.isdisjoint(p.id for p in gen._eval_tasks[repr(sorted(spec.items()))][0].eval_set(6))
+    assert [next(gen._problems).id for _ in range(3)] == [next(expect).id for _ in range(3)]
+    assert gen.evaluate(size=6, samples=2, task=spec) == other  # same weights, same numbers; the task is kept
+    assert gen.evaluate(size=6, samples=2) == before and len(gen._eval_tasks) == 1

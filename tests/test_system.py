@@ -145,6 +145,10 @@ def test_sync_mode_is_on_policy_step_for_step(head, tiny_vllm_model, tmp_path):
         assert float(r["weight_sync_s"]) > 0
     b = summary["buffer"]
     assert b["put_groups"] == b["acked"] == 4 * 4 and b["fresh_backlog"] == 0 and b["stale_skipped"] == 0
+    # Generator 0 evaluates (no eval actor): the evaluation after step 2 runs while step 3 trains,
+    # on the weights of step 2 (eval_every 2).
+    assert "(generator 0 evaluates)" in p.stdout and "eval on" not in p.stdout
+    assert [(int(r["step"]), int(r["version"])) for r in _rows(tmp_path / "sync" / "eval.csv")] == [(0, 0), (2, 2), (4, 4)]
     # The exported model is usable on its own: tokenizer + chat template + a model card in hf/, and
     # transformers and vLLM, given only the folder, agree on a greedy completion.
     hf = _final_hf(tmp_path / "sync")
@@ -384,6 +388,9 @@ def test_parts_that_cannot_start_exit_non_zero_with_a_clear_message(head, tiny_v
     assert p.returncode == 3 and "Redis unreachable at redis://127.0.0.1:" in p.stdout, p.stdout[-2000:]
     p = _train(head, _args(tiny_vllm_model, tmp_path, "c", "--run.steps", "1", "--run.mode", "async", "--resources.num_generators", "4"), timeout=120)
     assert p.returncode == 3 and "not enough resources" in p.stdout and "CPU: requested 5" in p.stdout, p.stdout[-2000:]
+    # Memory: the generator (which evaluates: no eval actor is counted) and the learner rank, against the cluster's.
+    p = _train(head, _args(tiny_vllm_model, tmp_path, "g", "--run.steps", "1", "--resources.learner_memory_gb", "1000"), timeout=120)
+    assert p.returncode == 3 and "memory: requested 1001 GB, cluster has" in p.stdout, p.stdout[-2000:]
 
 
 def _submit(head, args, env_vars):

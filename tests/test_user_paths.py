@@ -4,7 +4,7 @@ them: ``python -m agro_dist`` (what ``make train`` runs) with the defaults and a
 The system tests use a tiny model whose generator answers in well under a second; the default
 model's timings differ (issue 15: a learner waiting more than 5 s for its first fresh groups died
 of redis-py's default read timeout, while CI stayed green). Each run starts its own local Ray,
-its own Redis, a vLLM generator, a DeepSpeed learner and the eval actor, as ``make train`` does.
+its own Redis, a vLLM generator (which also evaluates), a DeepSpeed learner, as ``make train`` does.
 """
 
 from __future__ import annotations
