@@ -43,6 +43,11 @@ from .logprobs import chunked_logprobs, module_chunked_logprobs, token_kl, token
 
 log = logging.getLogger("agro_dist.learner")
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+# transformers' progress bars ("Loading weights", "Writing model shards" at every checkpoint) would
+# reach the run's console through Ray's log forwarding: one progress line per step is the log.
+from transformers.utils import logging as _hf_logging  # noqa: E402
+
+_hf_logging.disable_progress_bar()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
