@@ -71,10 +71,8 @@ class Generator:
                   enforce_eager=not on_gpu, gpu_memory_utilization=0.5 if not on_gpu else 0.85)
         # CPU: the KV cache is allocated whole at start-up, so its size is resident memory for the
         # engine's life. A user's VLLM_CPU_KVCACHE_SPACE (whole GiB) still wins, as in vLLM.
-        self.kv_cache_bytes = None
         if not on_gpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and "kv_cache_memory_bytes" not in cfg.vllm:
-            self.kv_cache_bytes = kw["kv_cache_memory_bytes"] = (int(cfg.kv_cache_gb * 1e9) if cfg.kv_cache_gb > 0
-                                                                 else self._auto_kv_cache_bytes(dtype))
+            kw["kv_cache_memory_bytes"] = int(cfg.kv_cache_gb * 1e9) if cfg.kv_cache_gb > 0 else self._auto_kv_cache_bytes(dtype)
         kw.update(cfg.vllm)
         t = time.perf_counter()
         self.llm = LLM(**kw)
