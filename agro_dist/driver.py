@@ -33,6 +33,7 @@ import os
 import secrets
 import signal
 import socket
+import shutil
 import sys
 import tempfile
 import threading
@@ -565,18 +566,21 @@ class Driver:
                                 f"--run.resume true") from None
         self.sync_outputs()
 
-    def sync_outputs(self) -> None:
+    def sync_outputs(self) -> bool:
         """Remote storage: upload the run's tables, plots, logs, config and Redis files (the
-        checkpoints are uploaded by the learner). Local runs write in place: nothing to do."""
+        checkpoints are uploaded by the learner); True once they are there. Local runs write in
+        place: nothing to do."""
         if not self.remote:
-            return
+            return True
         if self._log_file is not None:
             self._log_file.flush()
         try:
             # Not redis.conf: it holds the server's password when it has one (it is rewritten at every start).
             Storage(self.home).upload(self.run_dir, "", names=list(RUN_FILES), skip=("redis/redis.conf",))
+            return True
         except OSError as e:
-            log.warning("could not upload the run's files to %s: %s", display(self.home), e)
+            log.warning("could not upload the run's files to %s: %s (they stay in %s)", display(self.home), e, self.run_dir)
+            return False
 
     def _eval_submit(self):
         """Start a held-out evaluation of the current weights: (step, samples, its ObjectRef).
@@ -854,11 +858,14 @@ class Driver:
             self.redis.stop()
         if self.own_ray and ray.is_initialized() and not self.abandoned:
             ray.shutdown()
+        uploaded = False
         if self.remote and self._log_file is not None:
-            self.sync_outputs()  # the final upload: tables, plots, summary, the log's last lines (a failure's traceback), Redis's files
+            uploaded = self.sync_outputs()  # the final upload: tables, plots, summary, the log's last lines (a failure's traceback), Redis's files
         if self._log_file is not None:
             logging.getLogger().removeHandler(self._log_file)
             self._log_file.close()
+        if uploaded:  # the local work folder is a copy of what is now in run.storage_path (Redis's AOF can be large)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 class _DropMessage(logging.Filter):

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -52,12 +53,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = parser().parse_known_args(argv)
-    shown = own.model
-    try:  # a checkpoint or config on run.storage_path's bucket: a local copy first
+    shown, given = own.model, [own.model, own.config]
+    try:  # a checkpoint or config on run.storage_path's bucket: a local copy first, removed at the end
         own.model, own.config = fetch(own.model), own.config and fetch(own.config)
     except OSError as e:
         print(f"agro_dist.evaluate: error: {e}", file=sys.stderr)
         return 3
+    try:
+        return _evaluate(own, rest, shown)
+    finally:
+        for uri, local in zip(given, [own.model, own.config]):
+            if uri and local and local != uri:  # fetch's temporary copy (a model is as large as its weights)
+                shutil.rmtree(local if os.path.isdir(local) else os.path.dirname(local), ignore_errors=True)
+
+
+def _evaluate(own: argparse.Namespace, rest: List[str], shown: str) -> int:
     try:
         cfg, _ = config_mod.from_args((["--config", own.config] if own.config else []) + rest)
         overrides = {}

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -52,7 +54,7 @@ def test_storage_writes_reads_lists_copies_and_deletes(where, tmp_path, s3_serve
     assert not st.exists("step_1") and st.files() == {"latest": 6}
 
 
-def test_learner_checkpoint_on_s3_loads_back_and_is_checked_against_its_manifest(tiny_model, tmp_path, s3_server):
+def test_learner_checkpoint_on_s3_loads_back_and_is_checked_against_its_manifest(tiny_model, tmp_path, s3_server, monkeypatch):
     root = s3_server["uri"]("ckpt", "run/checkpoints")
     learner = make_learner(tiny_model, zero_stage=2)
     learner.train_step(batch_for_step(0, 4))
@@ -70,12 +72,23 @@ def test_learner_checkpoint_on_s3_loads_back_and_is_checked_against_its_manifest
     local, name = fetch_checkpoint(root)
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(local, "hf"))
     assert all(torch.equal(v, sd[k]) for k, v in hf.state_dict().items() if k in sd)
+    shutil.rmtree(local)  # the caller's to remove
     # python -m agro_dist.evaluate takes the bucket's hf/ and config.yaml: local copies first.
     from agro_dist.storage import fetch
 
     got = fetch(join(root, "step_00000001", "hf"))
     assert sorted(os.listdir(got)) == sorted(k.split("/", 1)[1] for k in manifest if k.startswith("hf/"))
-    assert open(fetch(join(root, "step_00000001", "meta.json"))).read() == st.read_text("step_00000001/meta.json")
+    meta = fetch(join(root, "step_00000001", "meta.json"))
+    assert open(meta).read() == st.read_text("step_00000001/meta.json")
+    shutil.rmtree(got), shutil.rmtree(os.path.dirname(meta))
+    # ... and removes them when it ends, here at its config error (a model's copy is as large as its weights).
+    from agro_dist import evaluate
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    hf_uri, meta_uri = join(root, "step_00000001", "hf"), join(root, "step_00000001", "meta.json")
+    assert evaluate.main(["--model", hf_uri, "--config", meta_uri, "--run.mode", "bogus"]) == 2
+    assert os.listdir(tmp_path / "tmp") == []
     with pytest.raises(FileNotFoundError, match="not found"):
         fetch(join(root, "step_00000009"))
     # The final model card is rewritten in place and the manifest follows it.
@@ -88,8 +101,9 @@ def test_learner_checkpoint_on_s3_loads_back_and_is_checked_against_its_manifest
         make_learner(tiny_model, zero_stage=2).load_checkpoint(root)
 
 
-def _run(args):
-    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+def _run(args, tmp):
+    # TMPDIR: a learner killed mid-upload leaves its local copy of the checkpoint behind, here in pytest's folder.
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1", "TMPDIR": tmp}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return subprocess.run([sys.executable, os.path.join(HERE, "learner_worker.py"), *args], capture_output=True, text=True, env=env, timeout=300)
@@ -98,16 +112,16 @@ def _run(args):
 def test_killed_half_way_through_an_upload_resumes_from_the_previous_checkpoint_bitwise(tiny_model, tmp_path, s3_server):
     # The reference: five steps, no crash, checkpoints on local disk.
     common = ["--steps", "5", "--zero", "2", "--checkpoint-at", "2", "4"]
-    full = _run([tiny_model, str(tmp_path / "full"), *common])
+    full = _run([tiny_model, str(tmp_path / "full"), *common], str(tmp_path))
     assert full.returncode == 0, full.stderr[-3000:]
     root = s3_server["uri"]("kill", "run/checkpoints")
-    crashed = _run([tiny_model, str(tmp_path / "crash"), *common, "--ckpt", root, "--kill-in-upload", "4"])
+    crashed = _run([tiny_model, str(tmp_path / "crash"), *common, "--ckpt", root, "--kill-in-upload", "4"], str(tmp_path))
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
     st = Storage(root)
     partial = st.files("step_00000004")
     assert len(partial) == 3 and "manifest.json" not in partial  # three files made it, then the process died
     assert latest_checkpoint(root) == "step_00000002"  # what a reader sees: the previous, complete checkpoint
-    resumed = _run([tiny_model, str(tmp_path / "crash"), *common, "--ckpt", root, "--resume"])
+    resumed = _run([tiny_model, str(tmp_path / "crash"), *common, "--ckpt", root, "--resume"], str(tmp_path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for step in (2, 3, 4):
         a = load_file(str(tmp_path / "full" / f"params_{step}.safetensors"))

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -485,6 +486,8 @@ def test_jobs_keep_the_run_on_s3_and_one_killed_mid_checkpoint_resumes_from_the_
     status, logs = _wait_job(head, job_id)
     assert f"Job '{job_id}' succeeded" in status, status + logs[-4000:]
     assert "resumed at step 2" in logs and "outputs: s3://jobs/runs/s3run " in logs
+    work = re.search(r"\(work folder (\S+)\)", logs).group(1)  # the local copy, removed once all of it is uploaded
+    assert work.startswith(tempfile.gettempdir()) and not os.path.exists(work)
     assert latest_checkpoint(ckpt) == "step_00000004"
     st = Storage(ckpt)
     assert set(st.files("step_00000004")) == set(json.loads(st.read_text("step_00000004/manifest.json"))["files"]) | {"manifest.json"}
