@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from agro_dist.actors.generator import GeneratorConfig
+from agro_dist.learner.batching import PACKINGS
 from agro_dist.learner.learner import LearnerConfig
 
 
@@ -219,6 +220,10 @@ HELP: Dict[str, str] = {
     "learner.dtype": "float32 or bfloat16 (GPU)",
     "learner.logprob_chunk": "positions per chunk of vocabulary logits (memory)",
     "learner.pad_to_multiple_of": "pad sequence lengths to a multiple of this",
+    "learner.pack": "prefix (default): each prompt computed once and its keys/values shared by its completions (2x faster "
+                    "per step and ~1 GB less for the default run); rows: each group once in rows under a 4-D mask; none: one "
+                    "padded row per completion (the prompt n times)",
+    "learner.pack_tokens": "pack rows only: tokens per packed row",
     "learner.ref_cache_groups": "reference log-probs cached for this many groups (replay needs no second pass)",
     "learner.gradient_checkpointing": "recompute activations in backward (memory)",
     "learner.value_lr": "agro_single only: AdamW learning rate of the value head V(x) (a linear map of the detached prompt state)",
@@ -463,6 +468,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"resources.{k} must map resource names to amounts >= 0, e.g. {{gen_node: 1}}; got {v!r}")
         if set(v) & {"CPU", "GPU", "memory"}:
             raise ConfigError(f"resources.{k}: CPU, GPU and memory have their own keys (resources.*_cpus, *_gpus, *_memory_gb)")
+    if lc.pack not in PACKINGS:
+        raise ConfigError(f"learner.pack must be {', '.join(PACKINGS)}, got {lc.pack!r}")
+    if lc.pack == "prefix" and lc.gradient_checkpointing:
+        raise ConfigError("learner.pack prefix keeps the prompts' keys and values, which learner.gradient_checkpointing drops: "
+                          "use learner.pack rows (or none) with it")
     if lc.batch_groups % res.learner_ranks or (lc.batch_groups // res.learner_ranks) % lc.micro_groups:
         raise ConfigError(f"learner.batch_groups ({lc.batch_groups}) must split into resources.learner_ranks ({res.learner_ranks}) "
                           f"x a multiple of learner.micro_groups ({lc.micro_groups})")

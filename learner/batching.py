@@ -1,16 +1,33 @@
-"""Groups of completions -> padded tensors for one forward/backward.
+"""Groups of completions -> tensors for one forward/backward.
 
 A row is ``prompt_token_ids + completion token_ids``, right-padded. Targets are the inputs
 shifted by one: position ``j`` predicts token ``j + 1``, so a row's response occupies target
 positions ``len(prompt) - 1 .. len(row) - 2``. Rows of a group are contiguous (the losses'
 leave-one-out baselines need the group's ``n`` completions together), and a micro-batch holds
 whole groups only.
+
+With ``pack`` the learner computes each prompt once rather than n times
+(``LearnerConfig.pack``; the padded ``MicroBatch`` stays the reference the tests compare against,
+and carries what the losses read: masks, rewards):
+
+- ``prefix``: the prompts as one padded batch (their keys and values kept, with gradient), then
+  the completions as rows that attend to their group's prompt through those keys and values,
+  position ids continuing from the prompt's end. Attention costs what it must (a completion sees
+  its prompt and itself); completions are padded to the longest of the micro-batch.
+- ``rows``: each group as ``[prompt, c_1, ..., c_n]``, each completion attending to the whole
+  prompt and causally to itself (a 4-D boolean mask, which Hugging Face models take as given and
+  pass to SDPA), groups packed into rows of at most ``budget`` tokens (a longer group has a row of
+  its own): no padding, but attention is computed over the whole row, which costs more than it
+  saves once completions are long (measured in docs/learner.md).
+
+Either way ``src`` maps each response token, in the padded batch's row-major order, to the
+position whose hidden state predicts it: the prompt's last token for a completion's first token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,6 +45,7 @@ class MicroBatch:
     group_ids: List[str]
     group_sizes: List[int]  # completions of each group, in row order (groups may differ in size)
     has_behaviour: torch.Tensor  # [R] bool: the row's data carries its sampler's log-probs
+    packed: Optional[Union["Packed", "Prefixed"]] = None  # the model's input when each prompt is computed once
 
     @property
     def group_size(self) -> int:
@@ -70,9 +88,17 @@ def has_behaviour_logprobs(g: Group) -> bool:
     return bool(g.metadata.get("behaviour_logprobs", True))
 
 
-def collate(groups: Sequence[Group], *, pad_id: int = 0, pad_to: Optional[int] = None, pad_multiple: int = 1) -> MicroBatch:
+PACKINGS = ("prefix", "rows", "none")
+
+
+def collate(groups: Sequence[Group], *, pad_id: int = 0, pad_to: Optional[int] = None, pad_multiple: int = 1,
+            pack: str = "none", pack_tokens: int = 1024) -> MicroBatch:
     """Pad whole groups into one micro-batch (``pad_to``: a minimum padded length;
-    ``pad_multiple``: round the padded length up to a multiple, e.g. 64 on GPUs)."""
+    ``pad_multiple``: round the padded length up to a multiple, e.g. 64 on GPUs). ``pack``: also
+    lay them out for the model with each prompt once: ``prefix`` (``prefix``) or ``rows``
+    (``pack``, rows of at most ``pack_tokens``); ``none``: the padded rows are the model's input."""
+    if pack not in PACKINGS:
+        raise ValueError(f"pack must be one of {', '.join(PACKINGS)}, got {pack!r}")
     sizes = check_groups(groups)
     rows = []
     for g in groups:
@@ -105,4 +131,121 @@ def collate(groups: Sequence[Group], *, pad_id: int = 0, pad_to: Optional[int] =
         group_ids=[g.group_id for g in groups],
         group_sizes=sizes,
         has_behaviour=torch.tensor([has_behaviour_logprobs(g) for g in groups for _ in range(g.n)], dtype=torch.bool),
+        packed=(prefix(groups, pad_id=pad_id, pad_multiple=pad_multiple) if pack == "prefix" else
+                pack_rows(groups, budget=pack_tokens, pad_id=pad_id, pad_multiple=pad_multiple) if pack == "rows" else None),
+    )
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor  # [B, T] long
+    position_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, 1, T, T] bool: query t may attend to key u
+    src: torch.Tensor  # [N] long: flat index (b * T + t) of the hidden state predicting each response token
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens computed (padding included)."""
+        return self.input_ids.numel()
+
+
+def pack_rows(groups: Sequence[Group], *, budget: int, pad_id: int = 0, pad_multiple: int = 1) -> Packed:
+    """Each group once, ``[prompt, c_1, ..., c_n]``, groups packed into rows of at most ``budget`` tokens."""
+    rows: List[List[Group]] = [[]]
+    used = 0
+    for g in groups:
+        size = len(g.prompt_token_ids) + sum(len(c.token_ids) for c in g.completions)
+        if rows[-1] and used + size > budget:
+            rows.append([])
+            used = 0
+        rows[-1].append(g)
+        used += size
+    lengths = [sum(len(g.prompt_token_ids) + sum(len(c.token_ids) for c in g.completions) for g in row) for row in rows]
+    T = -(-max(max(lengths), 1) // pad_multiple) * pad_multiple
+    B = len(rows)
+    ids = np.full((B, T), pad_id, dtype=np.int64)
+    pos = np.zeros((B, T), dtype=np.int64)
+    attn = np.zeros((B, T, T), dtype=bool)
+    causal = np.tril(np.ones((T, T), dtype=bool))
+    src: List[np.ndarray] = []
+    for b, row in enumerate(rows):
+        o = 0
+        for g in row:
+            p = np.asarray(g.prompt_token_ids, dtype=np.int64)
+            P = len(p)
+            if P == 0:
+                raise ValueError(f"group {g.group_id}: empty prompt (the first response token needs a position to be predicted from)")
+            ids[b, o:o + P] = p
+            pos[b, o:o + P] = np.arange(P)
+            attn[b, o:o + P, o:o + P] = causal[:P, :P]
+            s = o + P
+            for c in g.completions:
+                t = np.asarray(c.token_ids, dtype=np.int64)
+                L = len(t)
+                ids[b, s:s + L] = t
+                pos[b, s:s + L] = np.arange(P, P + L)
+                attn[b, s:s + L, o:o + P] = True  # the whole prompt
+                attn[b, s:s + L, s:s + L] = causal[:L, :L]  # itself, causally
+                # token 0 is predicted by the prompt's last position, token j by the completion's j - 1
+                src.append(b * T + np.concatenate([[o + P - 1], np.arange(s, s + L - 1)])[:L])
+                s += L
+            o = s
+        attn[b, np.arange(o, T), np.arange(o, T)] = True  # padding sees itself (never an all-masked row)
+    return Packed(
+        input_ids=torch.from_numpy(ids),
+        position_ids=torch.from_numpy(pos),
+        attention_mask=torch.from_numpy(attn)[:, None],
+        src=torch.from_numpy(np.concatenate(src) if src else np.zeros(0, dtype=np.int64)),
+    )
+
+
+@dataclass
+class Prefixed:
+    """Each group's prompt once, then its completions as rows over the prompt's keys and values."""
+    prompt_ids: torch.Tensor  # [G, P] long, right-padded
+    prompt_mask: torch.Tensor  # [G, P] long
+    ids: torch.Tensor  # [R, L] long: completions, right-padded
+    attention_mask: torch.Tensor  # [R, P + L] long: the row's prompt (not its padding), then its tokens
+    position_ids: torch.Tensor  # [R, L] long: continuing from the prompt's end
+    row_group: torch.Tensor  # [R] long: the group (prompt row) of each completion row
+    src: torch.Tensor  # [N] long: index into cat(prompt hidden [G*P], completion hidden [R*L]) per response token
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_ids.numel() + self.ids.numel()
+
+
+def prefix(groups: Sequence[Group], *, pad_id: int = 0, pad_multiple: int = 1) -> Prefixed:
+    """The prompts as one padded batch, the completions as another that attends to them."""
+    G = len(groups)
+    rup = lambda n: -(-max(n, 1) // pad_multiple) * pad_multiple  # noqa: E731
+    P = rup(max(len(g.prompt_token_ids) for g in groups))
+    comps = [(gi, np.asarray(c.token_ids, dtype=np.int64)) for gi, g in enumerate(groups) for c in g.completions]
+    L = rup(max(len(t) for _, t in comps))
+    R = len(comps)
+    pids = np.full((G, P), pad_id, dtype=np.int64)
+    pmask = np.zeros((G, P), dtype=np.int64)
+    for gi, g in enumerate(groups):
+        p = np.asarray(g.prompt_token_ids, dtype=np.int64)
+        if len(p) == 0:
+            raise ValueError(f"group {g.group_id}: empty prompt (the first response token needs a position to be predicted from)")
+        pids[gi, :len(p)] = p
+        pmask[gi, :len(p)] = 1
+    ids = np.full((R, L), pad_id, dtype=np.int64)
+    attn = np.zeros((R, P + L), dtype=np.int64)
+    pos = np.zeros((R, L), dtype=np.int64)
+    src: List[np.ndarray] = []
+    for r, (gi, t) in enumerate(comps):
+        Pg, T = int(pmask[gi].sum()), len(t)
+        ids[r, :T] = t
+        attn[r, :P] = pmask[gi]
+        attn[r, P:P + T] = 1
+        pos[r] = np.arange(Pg, Pg + L)
+        # token 0 is predicted by the prompt's last position, token j by the completion's j - 1
+        src.append(np.concatenate([[gi * P + Pg - 1], G * P + r * L + np.arange(T - 1)])[:T])
+    return Prefixed(
+        prompt_ids=torch.from_numpy(pids), prompt_mask=torch.from_numpy(pmask), ids=torch.from_numpy(ids),
+        attention_mask=torch.from_numpy(attn), position_ids=torch.from_numpy(pos),
+        row_group=torch.tensor([gi for gi, _ in comps], dtype=torch.long),
+        src=torch.from_numpy(np.concatenate(src) if src else np.zeros(0, dtype=np.int64)),
     )

@@ -1,13 +1,20 @@
-"""Learner step time, throughput and memory on a real model, beside a plain PyTorch peer.
+"""Learner step time, throughput and memory on a real model: packed against padded, beside a plain PyTorch peer.
 
-    python -m agro_dist.learner.bench [--model default] [--shapes 1x4x32x64,2x4x64x128] [--steps 3]
+    python -m agro_dist.learner.bench [--model default] [--shapes 8x4x46x3-12,1x8x150x100-400] [--steps 3] [--repeats 2]
 
-A shape ``GxNxPxR`` is G groups of N completions, P prompt and R response tokens each (one rank,
-one micro-batch per group). For each shape, in separate processes (so peak RSS is each run's
-own): the learner under DeepSpeed ZeRO 0 and ZeRO 2, and a plain PyTorch loop (Hugging Face
-forward with full-vocabulary float32 logits, the same loss, torch AdamW). It prints seconds per
-step (median of --steps after one warm-up step), trained tokens/s, the fraction of the FLOP floor
-(6 x params x trained tokens at this machine's measured float32 matmul rate), peak RSS, and the
+A shape ``GxNxPxR`` is G groups of N completions, P prompt and R response tokens each; ``R`` may
+be a range ``lo-hi`` (each completion's length drawn uniformly). The defaults are the default
+run's shape (8 groups x 4 completions, 46-token prompts, 3-12 tokens; micro-batches of 4 groups
+as the default run has) and a MATH-like one (150-token prompts, 8 completions of 100-400 tokens).
+For each shape, each implementation in its own process (so peak RSS is its own), the learner's
+layouts alternating ``--repeats`` times (``learner.pack``): ``prefix`` (each prompt once, the
+completions over its keys and values), ``rows`` (each group once under a 4-D mask, packed into
+rows of ``--pack-tokens``) and ``none`` (one padded row per completion, the prompt n times);
+beside them a plain PyTorch loop (Hugging Face forward with full-vocabulary float32 logits, the
+same loss, torch AdamW, one padded micro-batch per group). It prints seconds per step (median of
+--steps after one warm-up step, over the repeats), trained tokens/s, the fraction of the FLOP
+floor two ways (6 x params x tokens at this machine's measured float32 matmul rate: on the
+tokens each layout computes, and on the distinct tokens, each prompt once), peak RSS, and the
 learner's time split (reference forward / policy forward+backward / optimizer / publish).
 """
 
@@ -37,23 +44,32 @@ def matmul_flops(seconds: float = 2.0, n: int = 1024) -> float:
     return 2 * n**3 * count / (time.perf_counter() - t0)
 
 
-def synthetic_groups(G: int, N: int, P: int, R: int, vocab: int, seed: int):
+def synthetic_groups(G: int, N: int, P: int, R, vocab: int, seed: int):
+    """G groups of N random completions; ``R``: a length, or (lo, hi) drawn per completion."""
     from agro_dist.records import Completion, Group
 
     rng = np.random.default_rng(seed)
-    return [
-        Group(f"b{seed}-{i}", "", rng.integers(10, vocab, P).tolist(),
-              [Completion(rng.integers(10, vocab, R), -rng.random(R).astype(np.float32), float(rng.integers(0, 2)), "length") for _ in range(N)],
-              0, "bench", group_id=f"b{seed}-{i}")
-        for i in range(G)
-    ]
+    lo, hi = (R, R) if isinstance(R, int) else R
+
+    def comp():
+        L = int(rng.integers(lo, hi + 1))
+        return Completion(rng.integers(10, vocab, L), -rng.random(L).astype(np.float32), float(rng.integers(0, 2)), "length")
+
+    return [Group(f"b{seed}-{i}", "", rng.integers(10, vocab, P).tolist(), [comp() for _ in range(N)], 0, "bench", group_id=f"b{seed}-{i}")
+            for i in range(G)]
+
+
+def parse_shape(shape: str):
+    G, N, P, R = shape.lower().split("x")
+    r = tuple(int(x) for x in R.split("-")) if "-" in R else int(R)
+    return int(G), int(N), int(P), r
 
 
 def _worker(spec: dict) -> dict:
     from agro_dist.models import resolve_model
 
     model = resolve_model(spec["model"])
-    G, N, P, R = spec["shape"]
+    G, N, P, R = parse_shape(spec["shape"])
     vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
     batches = [synthetic_groups(G, N, P, R, vocab, s) for s in range(spec["steps"] + 1)]
     times, split = [], {}
@@ -88,7 +104,8 @@ def _worker(spec: dict) -> dict:
     else:
         from agro_dist.learner.learner import Learner, LearnerConfig
 
-        learner = Learner(LearnerConfig(model=model, batch_groups=G, micro_groups=1, lr=1e-6, zero_stage=spec["zero"]))
+        learner = Learner(LearnerConfig(model=model, batch_groups=G, micro_groups=spec["micro"], lr=1e-6, zero_stage=spec["zero"],
+                                        pack=spec["pack"], pack_tokens=spec["pack_tokens"]))
         for i, groups in enumerate(batches):
             t = time.perf_counter()
             m = learner.train_step(groups)
@@ -100,17 +117,26 @@ def _worker(spec: dict) -> dict:
         learner.publish()
         split["publish_s"] = [time.perf_counter() - t]
         params = sum(p.numel() for p in learner.module.parameters())
-    tokens = G * N * (P + R)
-    return dict(step_s=statistics.median(times[1:]), tokens=tokens, response_tokens=G * N * R, params=params,
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                split={k: statistics.median(v) for k, v in split.items()})
+    measured = batches[1:]
+    resp = sum(len(c.token_ids) for b in measured for g in b for c in g.completions) / len(measured)
+    padded = sum(len(g.prompt_token_ids) * g.n for b in measured for g in b) / len(measured) + resp
+    distinct = sum(len(g.prompt_token_ids) for b in measured for g in b) / len(measured) + resp
+    computed = padded if spec.get("pack", "none") == "none" else distinct
+    return dict(times=times[1:], tokens=computed, distinct_tokens=distinct, response_tokens=resp, params=params,
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, split=split)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m agro_dist.learner.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default", help="HF folder, or 'default' (SmolLM2-135M-Instruct)")
-    ap.add_argument("--shapes", default="1x4x32x64,2x4x64x128", help="comma-separated GxNxPxR (default: %(default)s)")
+    ap.add_argument("--shapes", default="8x4x46x3-12,1x8x150x100-400", help="comma-separated GxNxPxR, R a length or lo-hi (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=2, help="times the learner's layouts alternate (default: %(default)s)")
+    ap.add_argument("--packs", default="none,prefix,rows", help="the learner's layouts, the first is the baseline (default: %(default)s)")
+    ap.add_argument("--micro-groups", type=int, default=4, help="groups per micro-batch where G allows (default: %(default)s, the default run's)")
+    ap.add_argument("--pack-tokens", type=int, default=1024, help="the rows layout's row budget (default: %(default)s)")
+    ap.add_argument("--zero", type=int, default=0, help="the learner's ZeRO stage (default: %(default)s)")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch peer")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -120,30 +146,48 @@ def main(argv=None) -> int:
 
     resolve_model(a.model)  # convert the default model once, before the timed processes
     rate = matmul_flops()
-    print(f"float32 matmul: {rate / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads); model {a.model}\n")
-    hdr = f"{'shape GxNxPxR':15} {'implementation':24} {'s/step':>7} {'tokens/s':>8} {'FLOP floor':>10} {'peak RSS MB':>11} {'vs plain':>8}   split: ref / policy / optimizer / publish (s)"
+    print(f"float32 matmul: {rate / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads); model {a.model}; learner ZeRO {a.zero}, "
+          f"micro-batches of {a.micro_groups} groups where G allows\n")
+    hdr = (f"{'shape GxNxPxR':17} {'implementation':26} {'s/step':>7} {'tokens/s':>8} {'floor(comp)':>11} {'floor(dist)':>11} "
+           f"{'peak RSS MB':>11} {'vs ' + a.packs.split(',')[0]:>9}   split: ref / policy / optimizer / publish (s)")
     print(hdr)
     print("-" * len(hdr))
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     for shape in a.shapes.split(","):
-        G, N, P, R = (int(x) for x in shape.lower().split("x"))
+        G = parse_shape(shape)[0]
+        micro = a.micro_groups if G % a.micro_groups == 0 else 1
+        packs = a.packs.split(",")
+        names = {p: f"agro_dist {p}" + (f" ({a.pack_tokens})" if p == "rows" else "") for p in packs}
+        runs = ([("plain", "none", "plain PyTorch (peer)")] if not a.no_plain else []) + [("learner", p, names[p]) for p in packs] * a.repeats
         rows = {}
-        for impl, zero, label in (("plain", 0, "plain PyTorch (peer)"), ("learner", 0, "agro_dist ZeRO 0"), ("learner", 2, "agro_dist ZeRO 2")):
-            spec = dict(model=a.model, shape=[G, N, P, R], steps=a.steps, impl=impl, zero=zero)
+        for impl, pack, label in runs:
+            spec = dict(model=a.model, shape=shape, steps=a.steps, impl=impl, zero=a.zero, micro=micro, pack=pack, pack_tokens=a.pack_tokens)
             out = subprocess.run([sys.executable, "-m", "agro_dist.learner.bench", "--worker", json.dumps(spec)], capture_output=True, text=True, env=env)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode != 0 or not lines:
-                print(f"{shape:15} {label:24} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+                print(f"{shape:17} {label:26} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
                 continue
             r = json.loads(lines[-1][7:])
-            rows[label] = r
-            floor = 6 * r["params"] * r["tokens"] / rate
-            ratio = r["step_s"] / rows["plain PyTorch (peer)"]["step_s"] if "plain PyTorch (peer)" in rows else float("nan")
-            sp = r["split"]
+            if label in rows:  # a repeat: pool the step times, keep the larger peak
+                old = rows[label]
+                old["times"] += r["times"]
+                old["peak_rss_mb"] = max(old["peak_rss_mb"], r["peak_rss_mb"])
+                for k, v in r["split"].items():
+                    old["split"].setdefault(k, []).extend(v)
+            else:
+                rows[label] = r
+        base = statistics.median(rows[names[packs[0]]]["times"]) if names[packs[0]] in rows else float("nan")
+        for label, r in rows.items():
+            step = statistics.median(r["times"])
+            comp, dist = (6 * r["params"] * r[k] / rate / step for k in ("tokens", "distinct_tokens"))
+            sp = {k: statistics.median(v) for k, v in r["split"].items()}
             split = " / ".join(f"{sp[k]:.2f}" for k in ("ref_s", "policy_s", "optimizer_s", "publish_s")) if sp else "-"
-            print(f"{shape:15} {label:24} {r['step_s']:7.2f} {r['tokens'] / r['step_s']:8.0f} {floor / r['step_s']:9.1%} {r['peak_rss_mb']:11.0f} {ratio:7.2f}x   {split}")
-    print("\ntokens = all tokens through the policy (prompt + response); FLOP floor = 6 x params x tokens / matmul rate "
-          "(the reference forward, ~1/3 more, is extra work the floor does not count); vs plain = time / plain PyTorch time.")
+            print(f"{shape:17} {label:26} {step:7.2f} {r['tokens'] / step:8.0f} {comp:10.1%} {dist:10.1%} {r['peak_rss_mb']:11.0f} "
+                  f"{base / step:8.2f}x   {split}")
+    print("\ntokens = tokens through the policy (prompt + response; prefix and rows: each prompt once); floor(comp) = 6 x params x those "
+          "tokens / matmul rate / step time; floor(dist) = the same on the distinct tokens (each prompt once): the work that "
+          "must be done. The reference forward (~1/3 more) is extra work neither floor counts. vs = the first layout's "
+          "learner's time / this time (higher is faster).")
     return 0
 
 

@@ -38,7 +38,7 @@ from agro_dist.models import resolve_model  # noqa: E402
 from agro_dist.records import Group  # noqa: E402
 from agro_dist.storage import CheckpointWriteError, Storage, atomic_write, commit_checkpoint, display, fetch_checkpoint, is_remote, join, latest_checkpoint  # noqa: E402
 
-from .batching import MicroBatch, check_groups, collate, has_behaviour_logprobs  # noqa: E402
+from .batching import PACKINGS, MicroBatch, Prefixed, check_groups, collate, has_behaviour_logprobs  # noqa: E402
 from .logprobs import chunked_logprobs, module_chunked_logprobs, token_kl, token_kl_metric  # noqa: E402
 
 log = logging.getLogger("agro_dist.learner")
@@ -75,6 +75,13 @@ class LearnerConfig:
     dtype: str = "float32"  # "bfloat16" on GPU; float32 on CPU (bf16 trains ~25x slower there)
     logprob_chunk: int = 1024  # positions per chunk of vocabulary logits
     pad_to_multiple_of: int = 1
+    # How a micro-batch meets the model (batching.py; measured in docs/learner.md):
+    # "prefix": each prompt once, then the completions as rows over its keys and values;
+    # "rows": each group once as [prompt, c_1, ..., c_n] under a 4-D mask, groups packed into rows
+    # of at most pack_tokens tokens (no padding, but attention over the whole row);
+    # "none": one padded row per completion, the prompt computed n times (the reference).
+    pack: str = "prefix"
+    pack_tokens: int = 1024
     ref_cache_groups: int = 4096
     gradient_checkpointing: bool = False
     # Report the exact KL(pi || pi_ref) (full vocabulary, per response position, summed per
@@ -145,6 +152,34 @@ def _init_distributed() -> None:
                                init_method=f"file://{store}", rank=0, world_size=1)
 
 
+def response_hidden(model: torch.nn.Module, mb: MicroBatch, device: torch.device) -> torch.Tensor:
+    """The final hidden states that predict the response tokens, [N, H] in ``resp_mask``'s
+    row-major order: from the packed batch (each prompt once, ``batching.pack``) or the padded one."""
+    decoder = model.get_decoder()
+    if isinstance(mb.packed, Prefixed):
+        from transformers import DynamicCache
+
+        pf = mb.packed
+        out = decoder(input_ids=pf.prompt_ids.to(device), attention_mask=pf.prompt_mask.to(device), use_cache=True)
+        hp, kv = out.last_hidden_state, out.past_key_values
+        rows = pf.row_group.to(device)
+        cache = DynamicCache(config=model.config)
+        for i, layer in enumerate(kv.layers):  # each completion row over its group's prompt (a differentiable gather)
+            cache.update(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), i)
+        hc = decoder(input_ids=pf.ids.to(device), attention_mask=pf.attention_mask.to(device), position_ids=pf.position_ids.to(device),
+                     past_key_values=cache, use_cache=True).last_hidden_state
+        H = hp.shape[-1]
+        return torch.cat([hp.reshape(-1, H), hc.reshape(-1, H)])[pf.src.to(device)]
+    if mb.packed is not None:
+        pk = mb.packed
+        out = decoder(input_ids=pk.input_ids.to(device), attention_mask=pk.attention_mask.to(device),
+                      position_ids=pk.position_ids.to(device))
+        h = out.last_hidden_state
+        return h.reshape(-1, h.shape[-1])[pk.src.to(device)]
+    out = decoder(input_ids=mb.input_ids.to(device), attention_mask=mb.attention_mask.to(device))
+    return out.last_hidden_state[:, :-1][mb.resp_mask.to(device)]  # position j predicts token j + 1
+
+
 def lr_at(cfg: LearnerConfig, step: int) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then constant or cosine."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -173,6 +208,11 @@ class Learner:
         ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
         _init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if cfg.pack not in PACKINGS:
+            raise ValueError(f"pack must be one of {', '.join(PACKINGS)}, got {cfg.pack!r}")
+        if cfg.pack == "prefix" and cfg.gradient_checkpointing:
+            raise ValueError("pack 'prefix' keeps the prompts' keys and values, which gradient checkpointing drops: "
+                             "use pack 'rows' (or 'none') with gradient_checkpointing")
         if cfg.micro_groups < 1:
             raise ValueError(f"micro_groups must be >= 1, got {cfg.micro_groups}")
         if cfg.batch_groups % (self.world * cfg.micro_groups):
@@ -231,12 +271,19 @@ class Learner:
         opt = torch.optim.AdamW(head.parameters(), lr=self.cfg.value_lr, weight_decay=0.0)
         return head, opt
 
-    def _values(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """V(x) per row: the head on the hidden state that predicts the first response token
-        (the prompt's last position), detached."""
-        first = mask.float().argmax(dim=-1)
-        hx = h[torch.arange(h.shape[0], device=h.device), first].detach().float()
-        return self.value_head(hx).squeeze(-1)
+    def _values(self, h: torch.Tensor, mask: torch.Tensor, group_sizes: Sequence[int]) -> torch.Tensor:
+        """V(x) per row: the head on the hidden state of the prompt's last position (it predicts
+        every completion's first token), detached. ``h``: [N, H] at the response positions. A
+        group whose completions are all empty has no such state here: zeros."""
+        counts = mask.sum(-1).tolist()
+        first = [sum(counts[:r]) for r in range(len(counts))]
+        hd = torch.cat([h.detach().float(), h.new_zeros(1, h.shape[-1], dtype=torch.float32)])
+        idx, r = [], 0
+        for n in group_sizes:
+            rows = [first[i] for i in range(r, r + n) if counts[i] > 0]
+            idx += [rows[0] if rows else h.shape[0]] * n
+            r += n
+        return self.value_head(hd[torch.tensor(idx, device=h.device)]).squeeze(-1)
 
     def _value_step(self, applied: bool) -> None:
         if self.value_head is None:
@@ -279,23 +326,19 @@ class Learner:
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def _hidden(self, model, mb: MicroBatch) -> torch.Tensor:
-        dev = self.engine.device
-        out = model.get_decoder()(input_ids=mb.input_ids.to(dev), attention_mask=mb.attention_mask.to(dev))
-        return out.last_hidden_state[:, :-1]  # position j predicts token j + 1
-
     def _logprobs(self, model, mb: MicroBatch, *, entropy: bool = False):
-        """Per-token log-probs [R, L-1] (0 off the response) and the entropy at response positions."""
-        h = self._hidden(model, mb)
+        """Per-token log-probs [R, L-1] (0 off the response), the entropy at response positions and
+        the hidden states at them ([N, H], ``response_hidden``)."""
+        h = response_hidden(model, mb, self.engine.device)
         mask = mb.resp_mask.to(h.device)
         targets = mb.input_ids[:, 1:].to(h.device)[mask]
         head = model.get_output_embeddings()
         if self.cfg.zero_stage == 3 and model is self.module:
             # ZeRO 3 partitions lm_head's weight outside its forward: call the module per chunk
             # (DeepSpeed gathers the weight) under checkpointing, so the backward recomputes it.
-            lp, ent = module_chunked_logprobs(h[mask], head, targets, chunk=self.cfg.logprob_chunk, entropy=entropy)
+            lp, ent = module_chunked_logprobs(h, head, targets, chunk=self.cfg.logprob_chunk, entropy=entropy)
         else:
-            lp, ent = chunked_logprobs(h[mask], head.weight, targets, chunk=self.cfg.logprob_chunk, entropy=entropy)
+            lp, ent = chunked_logprobs(h, head.weight, targets, chunk=self.cfg.logprob_chunk, entropy=entropy)
         full = torch.zeros(mask.shape, dtype=lp.dtype, device=h.device).masked_scatter(mask, lp)
         return full, ent, h
 
@@ -354,7 +397,7 @@ class Learner:
             raise ValueError(f"{cfg.loss} needs the sampler's log-probs of every completion; these groups have none (logged data "
                              "without behavior_logprobs): use agro_off, which needs none")
         chunks = [groups[s:s + cfg.micro_groups] for s in range(0, len(groups), cfg.micro_groups)]
-        mbs = [collate(c, pad_id=self.pad_id, pad_multiple=cfg.pad_to_multiple_of) for c in chunks]
+        mbs = [collate(c, pad_id=self.pad_id, pad_multiple=cfg.pad_to_multiple_of, pack=cfg.pack, pack_tokens=cfg.pack_tokens) for c in chunks]
         times = collections.Counter()
         sums: Dict[str, float] = collections.defaultdict(float)
         ent_sum, ent_n, drift_sum, drift_n = 0.0, 0, 0.0, 0
@@ -375,14 +418,14 @@ class Learner:
             kl = None
             if self.need_token_kl:
                 W = self.module.get_output_embeddings().weight
-                kl = token_kl(h[mask], W, ref_h[mask], self.ref.get_output_embeddings().weight, chunk=cfg.logprob_chunk)
+                kl = token_kl(h, W, ref_h, self.ref.get_output_embeddings().weight, chunk=cfg.logprob_chunk)
                 opts["token_kl"] = torch.zeros(mask.shape, dtype=kl.dtype, device=dev).masked_scatter(mask, kl)
             if self.value_head is not None:
-                opts["values"] = self._values(h, mask)
+                opts["values"] = self._values(h, mask, mb.group_sizes)
             if self.need_behaviour:  # grpo's ratio pi / mu against the sampler that made the data
                 opts["old_logps"] = mb.behaviour_logps.to(dev)
             if not self.need_token_kl and cfg.exact_kl:
-                kl = token_kl_metric(h[mask].detach(), self.module.get_output_embeddings(), ref_h[mask],
+                kl = token_kl_metric(h.detach(), self.module.get_output_embeddings(), ref_h,
                                      self.ref.get_output_embeddings(), chunk=cfg.logprob_chunk)
             loss, m = self._loss(logps, ref_lp.to(dev), mask, mb, opts)
             m = dict(m)

@@ -40,6 +40,8 @@ def test_command_line_wins_over_the_file_which_wins_over_the_defaults(tmp_path):
     (["--buffer.redis_port", "6379"], "Ray's default GCS port"),
     (["--run.steps", "0"], "set a budget"),
     (["--run.eval_engine", "gpu"], "run.eval_engine must be auto, generator or separate"),
+    (["--learner.pack", "packed"], "learner.pack must be prefix, rows, none"),
+    (["--learner.gradient_checkpointing", "true"], "learner.pack prefix keeps the prompts' keys and values"),
     (["--run.mode", "frozen", "--run.eval_engine", "generator"], "run.eval_engine=generator needs generators that follow the learner"),
 ])
 def test_bad_values_are_refused_with_the_key_named(args, message):

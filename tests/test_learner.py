@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from agro_dist.learner.batching import collate
-from agro_dist.learner.learner import LearnerConfig, lr_at
+from agro_dist.learner.learner import LearnerConfig, lr_at, response_hidden
 from agro_dist.learner.logprobs import chunked_logprobs, naive_logprobs, token_kl
-from agro_dist.losses import get_loss
+from agro_dist.losses import LOSSES, get_loss
 from learner_worker import batch_for_step, make_learner
 
 HERE = os.path.dirname(__file__)
@@ -81,6 +81,113 @@ def test_collate_places_responses_at_their_target_positions():
     mixed[1].completions.pop()  # logged data: groups of different sizes
     mb = collate(mixed)
     assert mb.group_sizes == [4, 3] and mb.group_size == 0 and mb.num_rows == 7
+
+
+def _packed_and_padded_logprobs(model_path, groups, pack, budget=1024, pad_multiple=1):
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    W = model.get_output_embeddings().weight
+    out = []
+    for p in ("none", pack):
+        mb = collate(groups, pad_multiple=pad_multiple, pack=p, pack_tokens=budget)
+        with torch.no_grad():
+            h = response_hidden(model, mb, torch.device("cpu"))
+            out.append(naive_logprobs(h, W, mb.input_ids[:, 1:][mb.resp_mask]))
+    return out, mb
+
+
+def _mixed_groups():
+    groups = batch_for_step(4, 4)
+    del groups[1].completions[2:]  # groups of different sizes
+    c = groups[2].completions[0]
+    c.token_ids, c.logprobs = c.token_ids[:1], c.logprobs[:1]  # a one-token completion
+    groups[0].prompt_token_ids = groups[0].prompt_token_ids + [5, 6, 7, 8, 9]
+    return groups
+
+
+def test_prefix_layout_gives_every_response_token_its_padded_log_prob(tiny_model):
+    """Each prompt once, its keys and values shared by its completions' rows: the same log-probs as
+    one padded row per completion (prompts of different lengths, groups of different sizes, a
+    one-token completion). Tolerance: float32 attention over another key layout changes the
+    summation order only: ~1e-7 x |log p|; 1e-5 absolute for |log p| < 10 here."""
+    groups = _mixed_groups()
+    (padded, packed), mb = _packed_and_padded_logprobs(tiny_model, groups, "prefix", pad_multiple=8)
+    pf = mb.packed
+    assert pf.prompt_ids.shape == (4, 16) and pf.ids.shape == (mb.num_rows, 16)  # padded to multiples of 8
+    assert pf.row_group.tolist() == [0] * 4 + [1] * 2 + [2] * 4 + [3] * 4
+    assert pf.src.numel() == mb.num_response_tokens == padded.numel()
+    diff = (packed - padded).abs().max().item()
+    print(f"\nprefix: max |log-prob difference| {diff:.1e}")
+    assert diff < 1e-5
+
+
+@pytest.mark.parametrize("budget", [1, 28, 10_000])
+def test_packed_rows_give_every_response_token_its_padded_log_prob(tiny_model, budget):
+    """Each group once as [prompt, c_1, ..., c_n], completions attending to the prompt and causally
+    to themselves: the same log-probs as one padded row per completion. Budget 1: a row per group;
+    28: a group longer than the budget alone, then a row of two groups; 10,000: one row. Tolerance
+    as for the prefix layout."""
+    groups = _mixed_groups()
+    (padded, packed), mb = _packed_and_padded_logprobs(tiny_model, groups, "rows", budget, pad_multiple=8)
+    pk = mb.packed
+    assert pk.input_ids.shape[0] == {1: 4, 28: 3, 10_000: 1}[budget]
+    assert pk.input_ids.shape[1] % 8 == 0
+    sizes = [len(g.prompt_token_ids) + sum(len(c.token_ids) for c in g.completions) for g in groups]
+    distinct = sum(sizes)
+    assert sizes == [30, 13, 15, 15]
+    assert int((pk.attention_mask[:, 0].diagonal(dim1=-2, dim2=-1) & (pk.input_ids != 0)).sum()) <= distinct
+    assert pk.src.numel() == mb.num_response_tokens == padded.numel()
+    diff = (packed - padded).abs().max().item()
+    print(f"\nbudget {budget}: {pk.input_ids.shape[0]} row(s) of {pk.input_ids.shape[1]}, max |log-prob difference| {diff:.1e}")
+    assert diff < 1e-5
+
+
+@pytest.mark.parametrize("pack", ["prefix", "rows"])
+def test_packed_log_probs_on_the_default_model(pack):
+    """SmolLM2 (30 layers, a real tokenizer's ids): packed equals padded. Measured 1.9e-5 (rows)
+    and 2.7e-5 (prefix): the rounding differences grow through 30 layers and logits of ~20; a
+    layout bug (a completion seeing another, a wrong position id) moves log-probs by >1e-2."""
+    from agro_dist.models import resolve_model
+
+    groups = batch_for_step(5, 3, vocab=40_000)
+    (padded, packed), _ = _packed_and_padded_logprobs(resolve_model("default"), groups, pack, 64)
+    diff = (packed - padded).abs().max().item()
+    print(f"\nSmolLM2, {pack}: {padded.numel()} response tokens, max |log-prob difference| {diff:.1e}")
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_packed_layouts_give_the_padded_update_for_every_loss(tiny_model, loss):
+    """Two steps, the second on the first's groups again (replayed: cached reference log-probs),
+    groups of different sizes; rows: rows of several groups and groups longer than the row. Both
+    packed learners' weights equal the padded learner's (adam_eps = 1e-4 and the 1e-6 tolerance
+    as in test_learner_steps_equal_a_plain_pytorch_loop, which runs the default layout, prefix,
+    under ZeRO 0-3 and offload)."""
+    batch = batch_for_step(6, 4)
+    for g, n in zip(batch, (4, 3, 2, 3)):
+        del g.completions[n:]
+    got = {}
+    for pack in ("none", "prefix", "rows"):
+        learner = make_learner(tiny_model, loss=loss, adam_eps=1e-4, pack=pack, pack_tokens=28, **({"value_lr": 0.1} if loss == "agro_single" else {}))
+        for _ in range(2):
+            assert learner.train_step(batch)["skipped"] == 0
+        got[pack] = learner.publish()[1]
+    for pack in ("prefix", "rows"):
+        diff = max((got[pack][k] - got["none"][k]).abs().max().item() for k in got["none"])
+        print(f"\n{loss}: {pack} vs padded, max parameter difference {diff:.1e}")
+        assert diff < 1e-6
+
+
+def test_gradient_checkpointing_with_packed_rows_gives_the_padded_update(tiny_model):
+    """deploy/gpu.yaml's layout: rows (prefix needs the prompts' keys and values, which checkpointing drops)."""
+    batch = batch_for_step(7, 4)
+    got = []
+    for kw in (dict(pack="none"), dict(pack="rows", gradient_checkpointing=True)):
+        learner = make_learner(tiny_model, adam_eps=1e-4, **kw)
+        assert learner.train_step(batch)["skipped"] == 0
+        got.append(learner.publish()[1])
+    assert max((got[0][k] - got[1][k]).abs().max().item() for k in got[0]) < 1e-6
+    with pytest.raises(ValueError, match="use pack 'rows'"):
+        make_learner(tiny_model, gradient_checkpointing=True)
 
 
 @pytest.mark.parametrize("loss", ["agro_off", "rloo"])
@@ -218,20 +325,21 @@ def test_published_state_dict_is_a_real_copy(tiny_model):
 
 def test_reference_log_probs_are_cached_per_group(tiny_model):
     learner = make_learner(tiny_model, exact_kl=False)
+    assert learner.cfg.pack == "prefix"  # two decoder calls per micro-batch: the prompts, then the completions
     calls = []
     learner.ref.get_decoder().register_forward_hook(lambda *a: calls.append(1))
     batch = batch_for_step(0, 4)
     learner.train_step(batch)
-    assert len(calls) == 2  # two micro-batches
+    assert len(calls) == 2 * 2  # two micro-batches
     m = learner.train_step(batch)  # replayed groups: no reference forward
-    assert len(calls) == 2 and "kl" not in m and "log_ratio" in m
+    assert len(calls) == 2 * 2 and "kl" not in m and "log_ratio" in m
     # The exact KL needs the reference's hidden states, so it runs the reference pass for replayed groups too.
     learner = make_learner(tiny_model)
     calls = []
     learner.ref.get_decoder().register_forward_hook(lambda *a: calls.append(1))
     learner.train_step(batch)
     learner.train_step(batch)
-    assert len(calls) == 4
+    assert len(calls) == 4 * 2
 
 
 def test_reported_kl_is_the_exact_kl_also_on_data_pi_did_not_sample(tiny_model, tmp_path):
