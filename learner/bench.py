@@ -105,7 +105,7 @@ def _worker(spec: dict) -> dict:
         from agro_dist.learner.learner import Learner, LearnerConfig
 
         learner = Learner(LearnerConfig(model=model, batch_groups=G, micro_groups=spec["micro"], lr=1e-6, zero_stage=spec["zero"],
-                                        pack=spec["pack"], pack_tokens=spec["pack_tokens"]))
+                                        pack=spec["pack"], pack_tokens=spec["pack_tokens"], dtype=spec.get("dtype", "float32")))
         for i, groups in enumerate(batches):
             t = time.perf_counter()
             m = learner.train_step(groups)
@@ -123,7 +123,8 @@ def _worker(spec: dict) -> dict:
     distinct = sum(len(g.prompt_token_ids) for b in measured for g in b) / len(measured) + resp
     computed = padded if spec.get("pack", "none") == "none" else distinct
     return dict(times=times[1:], tokens=computed, distinct_tokens=distinct, response_tokens=resp, params=params,
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, split=split)
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, split=split,
+                peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0)
 
 
 def main(argv=None) -> int:

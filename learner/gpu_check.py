@@ -1,0 +1,156 @@
+"""The learner on a GPU, in one short run (issue 12 part 3): correctness, then throughput.
+
+    python -m agro_dist.learner.gpu_check [--shapes 0.5b,1.5b] [--batch 8x8x150x100-400] [--steps 3]
+
+For a machine with CUDA PyTorch and transformers but no Ray or vLLM (the `device` tool's): the
+learner needs DeepSpeed and what it and `agro_dist.learner` import (hjson, msgpack, ninja,
+py-cpuinfo, pydantic, einops, psutil, redis-py), carried as wheels for the device's Python:
+`pip download -d wheels --only-binary=:all: --python-version 3.X deepspeed==0.19.8 hjson msgpack
+ninja py-cpuinfo pydantic einops psutil redis` here (DeepSpeed builds its ops at run time; ~15 MB
+in all), then on the device `pip install --no-index --no-deps wheels/*.whl` and
+`PYTHONPATH=. python -m agro_dist.learner.gpu_check`. Not yet run on a GPU (no session was lent
+one since it was written). It prints:
+1. the measured bf16 and float32 matmul rates;
+2. correctness on a tiny random-init Llama in float32, on CUDA with NCCL and one rank: ZeRO 0, 2
+   and 3 with each layout (`learner.pack` none, prefix, rows) against a plain PyTorch loop
+   (Hugging Face forward with full-vocabulary logits, the same loss, torch AdamW): the largest
+   weight difference after two steps (<1e-5 expected: float32 on GPU, TF32 off);
+3. throughput on random-init Qwen2 shapes (0.5B, 1.5B) in bf16, ZeRO 0, padded against prefix:
+   seconds per step, tokens/s and model FLOPs utilisation (6 x params x distinct tokens per
+   second over the measured bf16 matmul rate), peak GPU memory. Each run in its own process.
+It runs on CPU too (`--device cpu`, smaller shapes), which is how it was checked here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+SHAPES = {  # Qwen2-0.5B and Qwen2-1.5B's dimensions, random weights
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, vocab_size=512),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
+}
+
+
+def make_model(name: str, root: str) -> str:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = os.path.join(root, name)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        torch.manual_seed(0)
+        cfg = Qwen2Config(max_position_embeddings=4096, tie_word_embeddings=True, **SHAPES[name])
+        Qwen2ForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def matmul_rate(dtype: torch.dtype, device: str, n: int = 4096, reps: int = 20) -> float:
+    import time
+
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def correctness(model: str) -> None:
+    from agro_dist.learner.bench import synthetic_groups
+    from agro_dist.learner.batching import collate
+    from agro_dist.learner.learner import Learner, LearnerConfig
+    from agro_dist.losses import get_loss
+    from transformers import AutoModelForCausalLM
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    batches = [synthetic_groups(4, 4, 12, (1, 16), 512, s) for s in range(2)]
+    common = dict(batch_groups=4, lr=1e-2, beta=0.1, weight_decay=0.01, grad_clip=1.0, adam_eps=1e-4)
+    # the plain loop
+    torch.manual_seed(0)
+    pol = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(dev)
+    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(dev).eval()
+    opt = torch.optim.AdamW(pol.parameters(), lr=1e-2, weight_decay=0.01, eps=1e-4)
+    fn = get_loss("agro_off")
+    for groups in batches:
+        opt.zero_grad()
+        for s in range(0, 4, 4):
+            mb = collate(groups[s:s + 4])
+
+            def lp(m):
+                ids, mask = mb.input_ids.to(dev), mb.resp_mask.to(dev)
+                logits = m(input_ids=ids, attention_mask=mb.attention_mask.to(dev)).logits[:, :-1].float()
+                return torch.where(mask, torch.log_softmax(logits, -1).gather(2, ids[:, 1:, None]).squeeze(2), 0.0)
+
+            with torch.no_grad():
+                r = lp(ref)
+            out, _ = fn(lp(pol), r, mb.resp_mask.to(dev), mb.rewards.to(dev), group_size=mb.group_size, beta=0.1)
+            out.backward()
+        torch.nn.utils.clip_grad_norm_(pol.parameters(), 1.0)
+        opt.step()
+    want = {k: v.detach().cpu() for k, v in pol.named_parameters()}
+    del pol, ref, opt
+    print(f"{'ZeRO':>4} {'pack':>7}  max |weight - plain loop| after 2 steps (float32 on {dev})")
+    for zero in (0, 2, 3):
+        for pack in ("none", "prefix", "rows"):
+            learner = Learner(LearnerConfig(model=model, micro_groups=4, zero_stage=zero, pack=pack, pack_tokens=64, **common))
+            for b in batches:
+                learner.train_step(b)
+            got = learner.publish()[1]
+            diff = max((got[k].float() - want[k]).abs().max().item() for k in want if k in got)
+            print(f"{zero:>4} {pack:>7}  {diff:.2e} {'ok' if diff < 1e-5 else 'DIFFERS'}", flush=True)
+            del learner
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m agro_dist.learner.gpu_check", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="0.5b,1.5b", help="model shapes for throughput: tiny, 0.5b, 1.5b (default: %(default)s)")
+    ap.add_argument("--batch", default="8x8x150x100-400", help="GxNxPxR per step (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--skip-correctness", action="store_true")
+    a = ap.parse_args(argv)
+    dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
+    root = tempfile.mkdtemp(prefix="agro_dist-gpu-check-")
+    name = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"
+    rates = {d: matmul_rate(getattr(torch, d), a.device, n=4096 if a.device == "cuda" else 1024, reps=20 if a.device == "cuda" else 3)
+             for d in ("bfloat16", "float32")}
+    print(f"torch {torch.__version__} on {name}: bf16 matmul {rates['bfloat16'] / 1e12:.1f} TFLOP/s, "
+          f"float32 {rates['float32'] / 1e12:.1f} TFLOP/s\n", flush=True)
+    if not a.skip_correctness:
+        correctness(make_model("tiny", root))
+        print(flush=True)
+    print(f"{'shape':6} {'pack':7} {'s/step':>7} {'tokens/s':>9} {'MFU':>6} {'peak GPU GB':>11}  ({a.batch}, {dtype}, ZeRO 0, micro-batches of 1 group)")
+    for shape in a.shapes.split(","):
+        model = make_model(shape, root)
+        for pack in ("none", "prefix"):
+            spec = dict(model=model, shape=a.batch, steps=a.steps, impl="learner", zero=0, micro=1, pack=pack, pack_tokens=4096, dtype=dtype)
+            out = subprocess.run([sys.executable, "-m", "agro_dist.learner.bench", "--worker", json.dumps(spec)], capture_output=True, text=True)
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode or not lines:
+                print(f"{shape:6} {pack:7} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
+                continue
+            r = json.loads(lines[-1][7:])
+            step = statistics.median(r["times"])
+            mfu = 6 * r["params"] * r["distinct_tokens"] / step / rates[dtype]
+            print(f"{shape:6} {pack:7} {step:7.2f} {r['tokens'] / step:9.0f} {mfu:6.1%} {r['peak_gpu_mb'] / 1024:11.1f}", flush=True)
+    print("\nMFU = 6 x params x distinct tokens (each prompt once) per second / the measured matmul rate of the dtype.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
