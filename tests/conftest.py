@@ -115,3 +115,15 @@ def s3_server(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture
+def short_tmp():
+    """A short temporary folder, removed afterwards: for TMPDIR of processes that put sockets in it
+    (vLLM's ipc:// paths must fit AF_UNIX's 107 bytes, which tmp_path's long names may not)."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="agt-", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

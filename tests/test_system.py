@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -463,7 +462,7 @@ def test_ray_job_submit_runs_the_job_and_its_metrics_reach_the_head(head, tiny_v
     shutil.rmtree(home, ignore_errors=True)
 
 
-def test_jobs_keep_the_run_on_s3_and_one_killed_mid_checkpoint_resumes_from_the_previous(head, tiny_vllm_model, tmp_path, s3_server):
+def test_jobs_keep_the_run_on_s3_and_one_killed_mid_checkpoint_resumes_from_the_previous(head, tiny_vllm_model, tmp_path, s3_server, short_tmp):
     from transformers import AutoModelForCausalLM
 
     from agro_dist.storage import Storage, join, latest_checkpoint
@@ -471,7 +470,8 @@ def test_jobs_keep_the_run_on_s3_and_one_killed_mid_checkpoint_resumes_from_the_
     store = s3_server["uri"]("jobs", "runs")
     args = [*_without_output_dir(_args(tiny_vllm_model, tmp_path, "s3run", "--run.steps", "4", "--run.checkpoint_every", "2",
                                        "--run.eval_every", "0", "--run.learner_restarts", "0")), "--run.storage_path", store]
-    env_vars = {"PYTHONPATH": os.pathsep.join([os.path.join(TESTS, "faults"), TESTS]), **s3_server["env"]}
+    # TMPDIR: the killed learner's local copy of its checkpoint stays behind, here in a folder the test removes.
+    env_vars = {"PYTHONPATH": os.pathsep.join([os.path.join(TESTS, "faults"), TESTS]), "TMPDIR": short_tmp, **s3_server["env"]}
     # The learner dies after 3 files of step 4's checkpoint are in the bucket (tests/faults/sitecustomize.py).
     job_id = _submit(head, args, {**env_vars, "AGRO_TEST_KILL_UPLOAD": "step_00000004"})
     status, logs = _wait_job(head, job_id)
@@ -487,7 +487,7 @@ def test_jobs_keep_the_run_on_s3_and_one_killed_mid_checkpoint_resumes_from_the_
     assert f"Job '{job_id}' succeeded" in status, status + logs[-4000:]
     assert "resumed at step 2" in logs and "outputs: s3://jobs/runs/s3run " in logs
     work = re.search(r"\(work folder (\S+)\)", logs).group(1)  # the local copy, removed once all of it is uploaded
-    assert work.startswith(tempfile.gettempdir()) and not os.path.exists(work)
+    assert work.startswith(short_tmp) and not os.path.exists(work)
     assert latest_checkpoint(ckpt) == "step_00000004"
     st = Storage(ckpt)
     assert set(st.files("step_00000004")) == set(json.loads(st.read_text("step_00000004/manifest.json"))["files"]) | {"manifest.json"}
