@@ -31,9 +31,9 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
-import shutil
 import sys
 import tempfile
 import threading

@@ -91,12 +91,16 @@ def has_behaviour_logprobs(g: Group) -> bool:
 PACKINGS = ("prefix", "rows", "none")
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def collate(groups: Sequence[Group], *, pad_id: int = 0, pad_to: Optional[int] = None, pad_multiple: int = 1,
             pack: str = "none", pack_tokens: int = 1024) -> MicroBatch:
     """Pad whole groups into one micro-batch (``pad_to``: a minimum padded length;
     ``pad_multiple``: round the padded length up to a multiple, e.g. 64 on GPUs). ``pack``: also
-    lay them out for the model with each prompt once: ``prefix`` (``prefix``) or ``rows``
-    (``pack``, rows of at most ``pack_tokens``); ``none``: the padded rows are the model's input."""
+    lay them out for the model with each prompt once: ``prefix`` (``_prefix``) or ``rows``
+    (``_pack_rows``, rows of at most ``pack_tokens``); ``none``: the padded rows are the model's input."""
     if pack not in PACKINGS:
         raise ValueError(f"pack must be one of {', '.join(PACKINGS)}, got {pack!r}")
     sizes = check_groups(groups)
@@ -108,8 +112,7 @@ def collate(groups: Sequence[Group], *, pad_id: int = 0, pad_to: Optional[int] =
         for c in g.completions:
             rows.append((p, np.asarray(c.token_ids, dtype=np.int64), np.asarray(c.logprobs, dtype=np.float32), float(c.reward)))
     L = max(len(p) + len(t) for p, t, _, _ in rows)
-    L = max(L, pad_to or 0, 2)
-    L = -(-L // pad_multiple) * pad_multiple
+    L = _round_up(max(L, pad_to or 0, 2), pad_multiple)
     R = len(rows)
     ids = np.full((R, L), pad_id, dtype=np.int64)
     attn = np.zeros((R, L), dtype=np.int64)
@@ -131,8 +134,8 @@ def collate(groups: Sequence[Group], *, pad_id: int = 0, pad_to: Optional[int] =
         group_ids=[g.group_id for g in groups],
         group_sizes=sizes,
         has_behaviour=torch.tensor([has_behaviour_logprobs(g) for g in groups for _ in range(g.n)], dtype=torch.bool),
-        packed=(prefix(groups, pad_id=pad_id, pad_multiple=pad_multiple) if pack == "prefix" else
-                pack_rows(groups, budget=pack_tokens, pad_id=pad_id, pad_multiple=pad_multiple) if pack == "rows" else None),
+        packed=(_prefix(groups, pad_id=pad_id, pad_multiple=pad_multiple) if pack == "prefix" else
+                _pack_rows(groups, budget=pack_tokens, pad_id=pad_id, pad_multiple=pad_multiple) if pack == "rows" else None),
     )
 
 
@@ -143,25 +146,20 @@ class Packed:
     attention_mask: torch.Tensor  # [B, 1, T, T] bool: query t may attend to key u
     src: torch.Tensor  # [N] long: flat index (b * T + t) of the hidden state predicting each response token
 
-    @property
-    def num_tokens(self) -> int:
-        """Tokens computed (padding included)."""
-        return self.input_ids.numel()
 
-
-def pack_rows(groups: Sequence[Group], *, budget: int, pad_id: int = 0, pad_multiple: int = 1) -> Packed:
-    """Each group once, ``[prompt, c_1, ..., c_n]``, groups packed into rows of at most ``budget`` tokens."""
+def _pack_rows(groups: Sequence[Group], *, budget: int, pad_id: int = 0, pad_multiple: int = 1) -> Packed:
+    """Each group once, ``[prompt, c_1, ..., c_n]``, groups packed into rows of at most ``budget``
+    tokens (the groups are ``collate``'s, already checked)."""
     rows: List[List[Group]] = [[]]
-    used = 0
+    lengths = [0]
     for g in groups:
-        size = len(g.prompt_token_ids) + sum(len(c.token_ids) for c in g.completions)
-        if rows[-1] and used + size > budget:
+        size = len(g.prompt_token_ids) + g.num_tokens()
+        if rows[-1] and lengths[-1] + size > budget:
             rows.append([])
-            used = 0
+            lengths.append(0)
         rows[-1].append(g)
-        used += size
-    lengths = [sum(len(g.prompt_token_ids) + sum(len(c.token_ids) for c in g.completions) for g in row) for row in rows]
-    T = -(-max(max(lengths), 1) // pad_multiple) * pad_multiple
+        lengths[-1] += size
+    T = _round_up(max(max(lengths), 1), pad_multiple)
     B = len(rows)
     ids = np.full((B, T), pad_id, dtype=np.int64)
     pos = np.zeros((B, T), dtype=np.int64)
@@ -173,8 +171,6 @@ def pack_rows(groups: Sequence[Group], *, budget: int, pad_id: int = 0, pad_mult
         for g in row:
             p = np.asarray(g.prompt_token_ids, dtype=np.int64)
             P = len(p)
-            if P == 0:
-                raise ValueError(f"group {g.group_id}: empty prompt (the first response token needs a position to be predicted from)")
             ids[b, o:o + P] = p
             pos[b, o:o + P] = np.arange(P)
             attn[b, o:o + P, o:o + P] = causal[:P, :P]
@@ -210,25 +206,19 @@ class Prefixed:
     row_group: torch.Tensor  # [R] long: the group (prompt row) of each completion row
     src: torch.Tensor  # [N] long: index into cat(prompt hidden [G*P], completion hidden [R*L]) per response token
 
-    @property
-    def num_tokens(self) -> int:
-        return self.prompt_ids.numel() + self.ids.numel()
 
-
-def prefix(groups: Sequence[Group], *, pad_id: int = 0, pad_multiple: int = 1) -> Prefixed:
-    """The prompts as one padded batch, the completions as another that attends to them."""
+def _prefix(groups: Sequence[Group], *, pad_id: int = 0, pad_multiple: int = 1) -> Prefixed:
+    """The prompts as one padded batch, the completions as another that attends to them (the
+    groups are ``collate``'s, already checked)."""
     G = len(groups)
-    rup = lambda n: -(-max(n, 1) // pad_multiple) * pad_multiple  # noqa: E731
-    P = rup(max(len(g.prompt_token_ids) for g in groups))
+    P = _round_up(max(len(g.prompt_token_ids) for g in groups), pad_multiple)
     comps = [(gi, np.asarray(c.token_ids, dtype=np.int64)) for gi, g in enumerate(groups) for c in g.completions]
-    L = rup(max(len(t) for _, t in comps))
+    L = _round_up(max(max(len(t) for _, t in comps), 1), pad_multiple)
     R = len(comps)
     pids = np.full((G, P), pad_id, dtype=np.int64)
     pmask = np.zeros((G, P), dtype=np.int64)
     for gi, g in enumerate(groups):
         p = np.asarray(g.prompt_token_ids, dtype=np.int64)
-        if len(p) == 0:
-            raise ValueError(f"group {g.group_id}: empty prompt (the first response token needs a position to be predicted from)")
         pids[gi, :len(p)] = p
         pmask[gi, :len(p)] = 1
     ids = np.full((R, L), pad_id, dtype=np.int64)

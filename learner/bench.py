@@ -59,6 +59,31 @@ def synthetic_groups(G: int, N: int, P: int, R, vocab: int, seed: int):
             for i in range(G)]
 
 
+def plain_step(pol, ref, opt, groups, *, micro_groups: int, beta: float, device: str = "cpu", clip: float = 1.0) -> None:
+    """One optimizer step of the plain PyTorch peer: Hugging Face forward with full-vocabulary
+    float32 logits on padded rows, the ``agro_off`` loss (the mean over the batch's prompts),
+    gradient-norm clipping, ``opt``."""
+    from agro_dist.learner.batching import collate
+    from agro_dist.losses import get_loss
+
+    fn = get_loss("agro_off")
+    opt.zero_grad()
+    for s in range(0, len(groups), micro_groups):
+        mb = collate(groups[s:s + micro_groups])
+        ids, mask = mb.input_ids.to(device), mb.resp_mask.to(device)
+
+        def lp(m):
+            logits = m(input_ids=ids, attention_mask=mb.attention_mask.to(device)).logits[:, :-1].float()
+            return torch.where(mask, torch.log_softmax(logits, -1).gather(2, ids[:, 1:, None]).squeeze(2), 0.0)
+
+        with torch.no_grad():
+            r = lp(ref)
+        loss, _ = fn(lp(pol), r, mask, mb.rewards.to(device), group_size=mb.group_size, beta=beta)
+        (loss * mb.num_groups / len(groups)).backward()
+    torch.nn.utils.clip_grad_norm_(pol.parameters(), clip)
+    opt.step()
+
+
 def parse_shape(shape: str):
     G, N, P, R = shape.lower().split("x")
     r = tuple(int(x) for x in R.split("-")) if "-" in R else int(R)
@@ -76,29 +101,12 @@ def _worker(spec: dict) -> dict:
     if spec["impl"] == "plain":
         from transformers import AutoModelForCausalLM
 
-        from agro_dist.learner.batching import collate
-        from agro_dist.losses import get_loss
-
         pol = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
         ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
         opt = torch.optim.AdamW(pol.parameters(), lr=1e-6)
-        fn = get_loss("agro_off")
         for groups in batches:
             t = time.perf_counter()
-            opt.zero_grad()
-            for g in groups:
-                mb = collate([g])
-
-                def lp(m):
-                    logits = m(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1].float()
-                    return torch.where(mb.resp_mask, torch.log_softmax(logits, -1).gather(2, mb.input_ids[:, 1:, None]).squeeze(2), 0.0)
-
-                with torch.no_grad():
-                    r = lp(ref)
-                loss, _ = fn(lp(pol), r, mb.resp_mask, mb.rewards, group_size=N, beta=0.05)
-                (loss / len(groups)).backward()
-            torch.nn.utils.clip_grad_norm_(pol.parameters(), 1.0)
-            opt.step()
+            plain_step(pol, ref, opt, groups, micro_groups=1, beta=0.05)
             times.append(time.perf_counter() - t)
         params = sum(p.numel() for p in pol.parameters())
     else:

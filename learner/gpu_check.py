@@ -67,11 +67,10 @@ def matmul_rate(dtype: torch.dtype, device: str, n: int = 4096, reps: int = 20) 
 
 
 def correctness(model: str) -> None:
-    from agro_dist.learner.bench import synthetic_groups
-    from agro_dist.learner.batching import collate
-    from agro_dist.learner.learner import Learner, LearnerConfig
-    from agro_dist.losses import get_loss
     from transformers import AutoModelForCausalLM
+
+    from agro_dist.learner.bench import plain_step, synthetic_groups
+    from agro_dist.learner.learner import Learner, LearnerConfig
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -83,23 +82,8 @@ def correctness(model: str) -> None:
     pol = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(dev)
     ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(dev).eval()
     opt = torch.optim.AdamW(pol.parameters(), lr=1e-2, weight_decay=0.01, eps=1e-4)
-    fn = get_loss("agro_off")
     for groups in batches:
-        opt.zero_grad()
-        for s in range(0, 4, 4):
-            mb = collate(groups[s:s + 4])
-
-            def lp(m):
-                ids, mask = mb.input_ids.to(dev), mb.resp_mask.to(dev)
-                logits = m(input_ids=ids, attention_mask=mb.attention_mask.to(dev)).logits[:, :-1].float()
-                return torch.where(mask, torch.log_softmax(logits, -1).gather(2, ids[:, 1:, None]).squeeze(2), 0.0)
-
-            with torch.no_grad():
-                r = lp(ref)
-            out, _ = fn(lp(pol), r, mb.resp_mask.to(dev), mb.rewards.to(dev), group_size=mb.group_size, beta=0.1)
-            out.backward()
-        torch.nn.utils.clip_grad_norm_(pol.parameters(), 1.0)
-        opt.step()
+        plain_step(pol, ref, opt, groups, micro_groups=4, beta=0.1, device=dev)
     want = {k: v.detach().cpu() for k, v in pol.named_parameters()}
     del pol, ref, opt
     print(f"{'ZeRO':>4} {'pack':>7}  max |weight - plain loop| after 2 steps (float32 on {dev})")

@@ -13,6 +13,7 @@ caller's cursor) from which training continues bitwise.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import math
@@ -154,7 +155,7 @@ def _init_distributed() -> None:
 
 def response_hidden(model: torch.nn.Module, mb: MicroBatch, device: torch.device) -> torch.Tensor:
     """The final hidden states that predict the response tokens, [N, H] in ``resp_mask``'s
-    row-major order: from the packed batch (each prompt once, ``batching.pack``) or the padded one."""
+    row-major order: from the packed batch (each prompt once, ``batching.collate``'s ``pack``) or the padded one."""
     decoder = model.get_decoder()
     if isinstance(mb.packed, Prefixed):
         from transformers import DynamicCache
@@ -276,7 +277,7 @@ class Learner:
         every completion's first token), detached. ``h``: [N, H] at the response positions. A
         group whose completions are all empty has no such state here: zeros."""
         counts = mask.sum(-1).tolist()
-        first = [sum(counts[:r]) for r in range(len(counts))]
+        first = [0, *itertools.accumulate(counts)]  # row r's response tokens start at first[r] in h
         hd = torch.cat([h.detach().float(), h.new_zeros(1, h.shape[-1], dtype=torch.float32)])
         idx, r = [], 0
         for n in group_sizes:

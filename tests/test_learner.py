@@ -131,7 +131,7 @@ def test_packed_rows_give_every_response_token_its_padded_log_prob(tiny_model, b
     pk = mb.packed
     assert pk.input_ids.shape[0] == {1: 4, 28: 3, 10_000: 1}[budget]
     assert pk.input_ids.shape[1] % 8 == 0
-    sizes = [len(g.prompt_token_ids) + sum(len(c.token_ids) for c in g.completions) for g in groups]
+    sizes = [len(g.prompt_token_ids) + g.num_tokens() for g in groups]
     distinct = sum(sizes)
     assert sizes == [30, 13, 15, 15]
     assert int((pk.attention_mask[:, 0].diagonal(dim1=-2, dim2=-1) & (pk.input_ids != 0)).sum()) <= distinct
