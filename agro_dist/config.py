@@ -21,8 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from agro_dist.actors.generator import GeneratorConfig
-from agro_dist.learner.batching import PACKINGS
-from agro_dist.learner.learner import LearnerConfig
+from agro_dist.learner.config import PACKINGS, LearnerConfig
 
 
 @dataclass
@@ -85,8 +84,8 @@ class ResourcesSection:
     learner_gpus: float = 0.0
     eval_cpus: float = 0.0
     eval_gpus: float = 0.0
-    generator_memory_gb: float = 3.5
-    learner_memory_gb: float = 5.0
+    generator_memory_gb: float = 2.8
+    learner_memory_gb: float = 5.1
     eval_memory_gb: float = 3.0
     threads: int = 0
     object_store_gb: float = 0.0
@@ -169,8 +168,8 @@ HELP: Dict[str, str] = {
     "resources.eval_cpus": "CPUs for the eval actor (0: it shares, it runs only between steps)",
     "resources.eval_gpus": "GPUs for the eval actor",
     "resources.generator_memory_gb": "memory per generator actor (Ray resource request, checked against the cluster's before start: "
-                                     "exit 3 saying what is missing); default: the default run's measured peak, 3.5 GB (docs/system.md)",
-    "resources.learner_memory_gb": "memory per learner rank; default: the default run's measured peak, 4.9 GB",
+                                     "exit 3 saying what is missing); default: the default run's measured peak, 2.7 GB (docs/system.md)",
+    "resources.learner_memory_gb": "memory per learner rank; default: the default run's measured peak, 5.05 GB",
     "resources.eval_memory_gb": "memory for the eval actor (run.eval_engine separate, frozen and offline runs)",
     "resources.threads": "threads per actor (OMP_NUM_THREADS); 0 = the driver node's core count (the parts take turns in sync mode)",
     "resources.generator_max_restarts": "Ray max_restarts of generator actors (-1 = always restart)",

@@ -102,8 +102,8 @@ class Driver:
         self.generators: List[Any] = []
         self.evaluator = None
         self.monitor: Optional[RunMonitor] = None
-        self._gen_last: Dict[int, tuple] = {}  # generator -> its last (tokens, generate_s) counters
-        self._gen_window = [0.0, 0.0]  # tokens and engine seconds since the last row, all generators
+        self._gen_last: Dict[int, tuple] = {}  # generator -> its last (tokens, generate_s, reward_s) counters
+        self._gen_window = [0.0, 0.0, 0.0]  # tokens, engine seconds and reward seconds since the last row, all generators
         self._stale_seen: Dict[int, int] = {}
         self._reward_timeouts: Dict[int, int] = {}
 
@@ -644,18 +644,19 @@ class Driver:
         return row
 
     def _gen_result(self, i: int, stats: Dict[str, Any]) -> None:
-        tok, secs = float(stats["tokens"]), float(stats["generate_s"])
-        p_tok, p_secs = self._gen_last.get(i, (0.0, 0.0))
+        tok, secs, rew = float(stats["tokens"]), float(stats["generate_s"]), float(stats.get("reward_s", 0.0))
+        p_tok, p_secs, p_rew = self._gen_last.get(i, (0.0, 0.0, 0.0))
         if tok < p_tok:  # a restarted generator counts from 0
-            p_tok, p_secs = 0.0, 0.0
+            p_tok, p_secs, p_rew = 0.0, 0.0, 0.0
         self._gen_window[0] += tok - p_tok
         self._gen_window[1] += secs - p_secs
-        self._gen_last[i] = (tok, secs)
+        self._gen_window[2] += rew - p_rew
+        self._gen_last[i] = (tok, secs, rew)
         self._reward_timeouts[i] = int(stats.get("reward_timeouts", 0))
 
     def _gen_failed(self, i: int, err: Exception) -> None:
         self.gen_restarts += 1
-        self._gen_last[i] = (0.0, 0.0)
+        self._gen_last[i] = (0.0, 0.0, 0.0)
         log.warning("generator %d failed (%s); Ray restarts it, it gets version %d before its next call (%d restart(s) so far)",
                     i, _first_line(err), self.version, self.gen_restarts)
         self._send_weights(self.generators[i])
@@ -666,9 +667,9 @@ class Driver:
         # Generation speed while generating (tokens / engine seconds, summed over generators, as
         # the learner's trained tokens/s is per second of its step).
         G = len(self.generators)
-        tok, secs = self._gen_window
+        tok, secs, rew = self._gen_window
         rate = G * tok / secs if secs > 0 else None
-        self._gen_window = [0.0, 0.0]
+        self._gen_window = [0.0, 0.0, 0.0]
         hist = s["staleness_hist"]
         new_stale = {k: v - self._stale_seen.get(k, 0) for k, v in hist.items() if v - self._stale_seen.get(k, 0) > 0}
         self._stale_seen = dict(hist)
@@ -682,7 +683,8 @@ class Driver:
             replay_fraction=m.get("replay_fraction", 0.0), skipped=m.get("skipped"),
             buffer_backlog=s["fresh_backlog"], buffer_history=s["history_groups"], stale_skipped=s["stale_skipped"],
             generated_groups=s["put_groups"], generated_tokens_per_s=rate, trained_tokens_per_s=m.get("tokens_per_s"),
-            step_s=m.get("step_s"), wait_s=m.get("wait_s"), weight_sync_s=sync_s, generator_restarts=self.gen_restarts,
+            step_s=m.get("step_s"), wait_s=m.get("wait_s"), weight_sync_s=sync_s, generate_s=secs, reward_s=rew,
+            ref_s=m.get("ref_s"), policy_s=m.get("policy_s"), optimizer_s=m.get("optimizer_s"), generator_restarts=self.gen_restarts,
             learner_restarts=self.learner_restarts, reward_timeouts=sum(self._reward_timeouts.values()),
         )
         return row, new_stale

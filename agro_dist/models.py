@@ -59,8 +59,22 @@ def default_model_path(cache: Optional[str] = None) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if os.path.exists(os.path.join(out, "config.json")):
             return out  # another process made it while this one waited
-        _convert_default(out)
+        _convert_in_child(out)
     return out
+
+
+def _convert_in_child(out: str) -> None:
+    """``_convert_default`` in a child process: the caller (often the driver, which otherwise never
+    imports torch or transformers) does not keep those libraries' ~0.4 GB for the rest of its life."""
+    import subprocess
+    import sys
+
+    log.info("converting %s to a float32 Hugging Face folder at %s (once)", _gguf_path(), out)
+    code = "import sys; from agro_dist.models import _convert_default; _convert_default(sys.argv[1])"
+    r = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = "\n".join(r.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"converting the default model to {out} failed (exit {r.returncode}):\n{tail}")
 
 
 def _convert_default(out: str) -> None:
@@ -68,7 +82,6 @@ def _convert_default(out: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to a float32 Hugging Face folder at %s (once)", gguf, out)
     folder, name = os.path.split(gguf)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -102,7 +115,7 @@ def weights_bytes(folder: str, bytes_per_param: int) -> int:
 
     n = 0
     for f in glob.glob(os.path.join(folder, "*.safetensors")):
-        with safe_open(f, "pt") as st:
+        with safe_open(f, "numpy") as st:  # not "pt": the driver does not import torch
             for k in st.keys():
                 shape = st.get_slice(k).get_shape()
                 n += math.prod(shape)

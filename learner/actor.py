@@ -84,10 +84,15 @@ class LearnerWorker:
         return step_from_buffer(self.learner, self.buffer, p=p, timeout_s=timeout_s)
 
     def publish(self) -> Tuple[int, "ray.ObjectRef", float]:
-        """(version, object ref of a CPU state dict copy, seconds it took)."""
+        """(version, object ref of the weights, seconds it took). In the store they are
+        ``agro_dist.weights.pack``ed: ``ray.put`` copies the parameters' memory into it once,
+        with no copy in this process, and generators read them from shared memory."""
+        from agro_dist.weights import pack
+
         t = time.perf_counter()
-        version, sd = self.learner.publish()
-        ref = ray.put(sd)
+        version, sd = self.learner.publish(copy=False)
+        ref = ray.put(pack(sd))
+        del sd  # the parameters themselves (ZeRO 0): the store holds its own copy now
         return version, ref, time.perf_counter() - t
 
     def save_checkpoint(self, root: str, extra: Optional[Dict[str, Any]] = None) -> str:

@@ -34,6 +34,8 @@ import torch
 
 from agro_dist.records import Group
 
+from .config import PACKINGS
+
 
 @dataclass
 class MicroBatch:
@@ -88,7 +90,6 @@ def has_behaviour_logprobs(g: Group) -> bool:
     return bool(g.metadata.get("behaviour_logprobs", True))
 
 
-PACKINGS = ("prefix", "rows", "none")
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,7 +39,8 @@ from agro_dist.models import resolve_model  # noqa: E402
 from agro_dist.records import Group  # noqa: E402
 from agro_dist.storage import CheckpointWriteError, Storage, atomic_write, commit_checkpoint, display, fetch_checkpoint, is_remote, join, latest_checkpoint  # noqa: E402
 
-from .batching import PACKINGS, MicroBatch, Prefixed, check_groups, collate, has_behaviour_logprobs  # noqa: E402
+from .batching import MicroBatch, Prefixed, check_groups, collate, has_behaviour_logprobs  # noqa: E402
+from .config import PACKINGS, LearnerConfig  # noqa: E402,F401  (re-exported: agro_dist.learner.learner.LearnerConfig)
 from .logprobs import chunked_logprobs, module_chunked_logprobs, token_kl, token_kl_metric  # noqa: E402
 
 log = logging.getLogger("agro_dist.learner")
@@ -53,49 +54,6 @@ _hf_logging.disable_progress_bar()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-@dataclass
-class LearnerConfig:
-    model: str  # a Hugging Face causal-LM folder, or "default" (SmolLM2-135M-Instruct)
-    ref_model: Optional[str] = None  # default: the same folder as model
-    loss: str = "agro_off"
-    loss_options: Dict[str, Any] = field(default_factory=dict)
-    beta: float = 0.05
-    batch_groups: int = 8  # groups per optimizer step, over all ranks
-    micro_groups: int = 2  # groups per forward/backward on one rank
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    adam_betas: Tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0  # 0: off
-    lr_schedule: str = "constant"  # "constant" or "cosine" (to min_lr_ratio * lr at total_steps)
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    min_lr_ratio: float = 0.0
-    zero_stage: int = 0
-    offload_optimizer: bool = False
-    dtype: str = "float32"  # "bfloat16" on GPU; float32 on CPU (bf16 trains ~25x slower there)
-    logprob_chunk: int = 1024  # positions per chunk of vocabulary logits
-    pad_to_multiple_of: int = 1
-    # How a micro-batch meets the model (batching.py; measured in docs/learner.md):
-    # "prefix": each prompt once, then the completions as rows over its keys and values;
-    # "rows": each group once as [prompt, c_1, ..., c_n] under a 4-D mask, groups packed into rows
-    # of at most pack_tokens tokens (no padding, but attention over the whole row);
-    # "none": one padded row per completion, the prompt computed n times (the reference).
-    pack: str = "prefix"
-    pack_tokens: int = 1024
-    ref_cache_groups: int = 4096
-    gradient_checkpointing: bool = False
-    # Report the exact KL(pi || pi_ref) (full vocabulary, per response position, summed per
-    # sequence): right off-policy too. Costs a reference forward for replayed groups as well
-    # (their cached reference log-probs would otherwise spare it) and two vocabulary projections
-    # per response token. Off: ``kl`` is not reported (the sampled ``log_ratio`` still is).
-    exact_kl: bool = True
-    # agro_single's value head V(x) (a linear map of the policy's detached hidden state at the
-    # prompt's last token) has its own AdamW at this learning rate: it must track the scale of
-    # the regularised reward within tens of steps, which the policy's lr (1e-5) would not do.
-    value_lr: float = 1e-2
-    seed: int = 0
-    deepspeed: Dict[str, Any] = field(default_factory=dict)  # merged over the generated config
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -520,13 +478,18 @@ class Learner:
 
     # ------------------------------------------------------------------ weights out
 
-    def publish(self) -> Tuple[int, Dict[str, torch.Tensor]]:
+    def publish(self, copy: bool = True) -> Tuple[int, Dict[str, torch.Tensor]]:
         """(version, a state dict of CPU tensors that share no memory with the engine).
 
-        ``clone()``, not ``detach()``: under ZeRO the parameters are views into flat buffers, and
-        a view kept in Ray's object store pins (and copies) the whole buffer. Under ZeRO 3 the
+        A copy, not ``detach()``: under ZeRO 1-2 the parameters are views into flat buffers, and a
+        view kept in Ray's object store pins (and copies) the whole buffer. Under ZeRO 3 the
         partitions are gathered first. A tied weight appears under each of its names as one
-        shared tensor (``save_pretrained`` handles that; safetensors' ``save_file`` wants a clone)."""
+        shared tensor (``save_pretrained`` handles that; safetensors' ``save_file`` wants a clone).
+
+        ``copy=False``: a parameter that owns its whole storage (ZeRO 0 on CPU) is returned itself,
+        detached, with no copy; the rest are copies as above. Valid only until the next
+        ``train_step``: for a caller that copies at once (the Ray actor's ``ray.put``), which then
+        needs no second copy of the weights in this process."""
         # Every name of a tied weight (lm_head.weight = embed_tokens.weight): vLLM's in-place
         # reload keeps a layer's old tensor when no weight arrives for it, which unties the
         # output head from the embedding it was tied to (a stale lm_head, measured in the
@@ -534,19 +497,27 @@ class Learner:
         params = list(self.module.named_parameters(remove_duplicate=False))
         unique = list({id(p): p for _, p in params}.values())
 
-        def copy_all():
-            copies = {id(p): p.detach().to("cpu", copy=True).clone() for p in unique}
+        def owned(t: torch.Tensor) -> bool:
+            return (t.device.type == "cpu" and t.is_contiguous() and t.storage_offset() == 0
+                    and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+        def one(t: torch.Tensor, may_share: bool) -> torch.Tensor:
+            t = t.detach()
+            return t if may_share and owned(t) else t.to("cpu", copy=True)
+
+        def copy_all(may_share: bool):
+            copies = {id(p): one(p, may_share) for p in unique}
             return {k: copies[id(p)] for k, p in params}
 
         if self.cfg.zero_stage == 3:
             with deepspeed.zero.GatheredParameters(unique, modifier_rank=None):
-                sd = copy_all()
+                sd = copy_all(False)  # the gathered tensors are freed when the context ends
         else:
-            sd = copy_all()
+            sd = copy_all(not copy)
         persistent = self.module.state_dict().keys()  # non-persistent buffers are not weights
         for k, b in self.module.named_buffers():
             if k in persistent:
-                sd[k] = b.detach().to("cpu", copy=True).clone()
+                sd[k] = one(b, not copy)
         return self.version, sd
 
     # ------------------------------------------------------------------ checkpoints

@@ -121,7 +121,10 @@ def test_generator_actor_puts_groups_into_the_buffer_and_takes_weights_from_the_
     stats = ray.get(actor.produce.remote(calls=2), timeout=300)
     assert stats["groups"] == 4 and stats["completions"] == 8 and stats["version"] == 0
     hf = AutoModelForCausalLM.from_pretrained(tiny_vllm_model, dtype=torch.float32)
-    ref = ray.put({k: v.clone() for k, v in hf.state_dict().items()})
+    from agro_dist.weights import pack
+
+    # As the learner actor publishes: packed, read by the generator over the store's shared memory.
+    ref = ray.put(pack(hf.state_dict()))
     assert ray.get(actor.update_weights.remote(3, ref)) >= 0  # Ray resolves the reference to the dict
     ray.get(actor.produce.remote(calls=1))
     with ReplayBuffer(redis_server.url, name=name) as buf:

@@ -10,6 +10,7 @@ import ray
 import torch
 
 from agro_dist.buffer import ReplayBuffer
+from agro_dist.weights import is_packed, unpack
 from learner_worker import batch_for_step, make_learner
 
 
@@ -35,7 +36,7 @@ def test_learner_actor_trains_from_the_buffer_and_publishes_through_the_object_s
         second = batch_for_step(1, 4)
         for g in second:
             g.policy_version = 0  # sampled by the initial weights: one version stale at step 2
-        buf.put(batch_for_step(0, 4) + second)
+        buf.put(batch_for_step(0, 4) + second + batch_for_step(2, 4))
         cfg = dict(model=tiny_model, batch_groups=4, micro_groups=2, lr=1e-2, beta=0.1, weight_decay=0.01, adam_eps=1e-4)
         actor = LearnerActor.options(num_cpus=1).remote(cfg, master_port=_port(), buffer_url=redis_server.url, buffer_options={"name": name})
         m0 = ray.get(actor.step_from_buffer.remote(p=0.0, timeout_s=10))
@@ -44,9 +45,19 @@ def test_learner_actor_trains_from_the_buffer_and_publishes_through_the_object_s
         assert (m0["fresh_staleness_mean"], m1["fresh_staleness_mean"], m1["fresh_staleness_max"]) == (0.0, 1.0, 1.0)
         assert "replay_age_mean" not in m1 and m1["kl"] >= 0  # p = 0: nothing replayed
         version, ref, secs = ray.get(actor.publish.remote())
-        weights = ray.get(ref)
+        packed = ray.get(ref)
+        assert is_packed(packed)
+        # The tied output head travels once: one array under both names.
+        assert packed["lm_head.weight"][0] is packed["model.embed_tokens.weight"][0]
+        weights = {k: v.clone() for k, v in unpack(packed).items()}
+        del packed
+        # The store holds its own copy (the actor put the parameters themselves, no copy of its
+        # own): a further step changes the learner, not the published weights.
+        ray.get(actor.step_from_buffer.remote(p=0.0, timeout_s=10))
+        again = unpack(ray.get(ref))
+        assert all(torch.equal(again[k], weights[k]) for k in weights)
         s = buf.stats()
-        assert s["acked"] == 8 and s["fresh_backlog"] == 0 and s["fresh_pending"] == 0
+        assert s["acked"] == 12 and s["fresh_backlog"] == 0 and s["fresh_pending"] == 0
         buf.delete()
     # The same two batches through an in-process learner give the same weights.
     local = make_learner(tiny_model, adam_eps=1e-4)

