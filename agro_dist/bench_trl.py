@@ -42,6 +42,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,23 +50,19 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
+from agro_dist.memory import machine_used
+
 GB = 1e9
-
-
-def _machine_used() -> float:
-    from agro_dist.memory import machine_used
-
-    return machine_used()
 
 
 def run_measured(cmd: List[str], log_path: str, env: Optional[Dict[str, str]] = None, every: float = 2.0) -> Dict[str, Any]:
     """Run ``cmd`` with its output to ``log_path``; the peak of the machine's used memory above
     what was used before, sampled every ``every`` s; the wall time; the exit code."""
-    base, peak, done = _machine_used(), [0.0], threading.Event()
+    base, peak, done = machine_used(), [0.0], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _machine_used() - base)
+            peak[0] = max(peak[0], machine_used() - base)
             done.wait(every)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -234,7 +231,7 @@ def run_trl(out: str, steps: int, eval_every: int, generation: str, eval_config:
                 raise RuntimeError(f"evaluating {folder} failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
         e = json.load(open(j))
         evals.append(dict(step=step, elapsed_s=elapsed.get(step, 0.0), sampled=e["sampled_accuracy"], greedy=e["greedy_accuracy"]))
-        subprocess.run(["rm", "-rf", folder], check=True)  # the bench's own copy, evaluated
+        shutil.rmtree(folder)  # the bench's own copy, evaluated
     comp = [32 * float(r["completion_len"] or 0) for r in rows]
     return dict(res, step_s=_median_after(step_s), gen_tok_s=_median_after([t / s for t, s in zip(comp, step_s)]), evals=evals)
 
