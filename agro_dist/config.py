@@ -205,6 +205,7 @@ HELP: Dict[str, str] = {
     "learner.beta": "KL regularisation strength",
     "learner.batch_groups": "groups (prompts) per optimizer step, over all ranks",
     "learner.micro_groups": "groups per forward/backward on one rank",
+    "learner.micro_tokens": "> 0: micro-batches by tokens instead (padding included, whole groups); ZeRO 0-2",
     "learner.lr": "AdamW learning rate",
     "learner.weight_decay": "AdamW weight decay",
     "learner.adam_betas": "AdamW betas",
@@ -472,7 +473,11 @@ def validate(cfg: Config) -> None:
     if lc.pack == "prefix" and lc.gradient_checkpointing:
         raise ConfigError("learner.pack prefix keeps the prompts' keys and values, which learner.gradient_checkpointing drops: "
                           "use learner.pack rows (or none) with it")
-    if lc.batch_groups % res.learner_ranks or (lc.batch_groups // res.learner_ranks) % lc.micro_groups:
+    if lc.micro_tokens < 0:
+        raise ConfigError(f"learner.micro_tokens must be >= 0 (0: micro-batches of learner.micro_groups groups), got {lc.micro_tokens}")
+    if lc.micro_tokens and lc.zero_stage == 3:
+        raise ConfigError("learner.micro_tokens needs learner.zero_stage 0-2 (ZeRO 3 takes one micro-batch per step here)")
+    if lc.batch_groups % res.learner_ranks or (not lc.micro_tokens and (lc.batch_groups // res.learner_ranks) % lc.micro_groups):
         raise ConfigError(f"learner.batch_groups ({lc.batch_groups}) must split into resources.learner_ranks ({res.learner_ranks}) "
                           f"x a multiple of learner.micro_groups ({lc.micro_groups})")
     if r.mode == "sync" and lc.batch_groups % (res.num_generators * cfg.generator.prompts_per_call):

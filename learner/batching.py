@@ -92,6 +92,52 @@ def has_behaviour_logprobs(g: Group) -> bool:
 
 
 
+def micro_batch_tokens(groups: Sequence[Group], pack: str) -> int:
+    """Tokens a micro-batch of ``groups`` puts through the model in layout ``pack``, padding
+    included: ``none`` pads every completion's row (its prompt included) to the longest; ``prefix``
+    pads the prompts to the longest prompt and the completions to the longest completion; ``rows``
+    has no padding (each group once). What ``micro_tokens`` bounds: activations and attention
+    grow with it."""
+    if not groups:
+        return 0
+    comps = [len(c.token_ids) for g in groups for c in g.completions]
+    if pack == "none":
+        return len(comps) * max(len(g.prompt_token_ids) + len(c.token_ids) for g in groups for c in g.completions)
+    if pack == "prefix":
+        return len(groups) * max(len(g.prompt_token_ids) for g in groups) + len(comps) * max(comps)
+    return sum(len(g.prompt_token_ids) for g in groups) + sum(comps)
+
+
+def split_by_tokens(groups: Sequence[Group], budget: int, pack: str) -> List[List[Group]]:
+    """Consecutive groups into micro-batches of at most ``budget`` tokens (``micro_batch_tokens``);
+    a group over the budget alone is a micro-batch of its own (groups are never cut: the
+    leave-one-out baselines need a group's completions together)."""
+    out: List[List[Group]] = []
+    cur: List[Group] = []
+    for g in groups:
+        if cur and micro_batch_tokens(cur + [g], pack) > budget:
+            out.append(cur)
+            cur = []
+        cur.append(g)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def split_to_count(chunks: Sequence[Sequence[Group]], count: int) -> List[List[Group]]:
+    """Split the micro-batches with the most groups in two (the first such, halves in order) until
+    there are ``count``: every rank runs the same number of forward/backward passes (ZeRO 1-2
+    reduce gradients in each), whatever its groups' lengths."""
+    out = [list(c) for c in chunks]
+    if count > sum(len(c) for c in out):
+        raise ValueError(f"cannot make {count} micro-batches of {sum(len(c) for c in out)} groups")
+    while len(out) < count:
+        i = max(range(len(out)), key=lambda k: len(out[k]))
+        c, h = out[i], len(out[i]) // 2
+        out[i:i + 1] = [c[:h], c[h:]]
+    return out
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 

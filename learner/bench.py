@@ -113,7 +113,8 @@ def _worker(spec: dict) -> dict:
         from agro_dist.learner.learner import Learner, LearnerConfig
 
         learner = Learner(LearnerConfig(model=model, batch_groups=G, micro_groups=spec["micro"], lr=1e-6, zero_stage=spec["zero"],
-                                        pack=spec["pack"], pack_tokens=spec["pack_tokens"], dtype=spec.get("dtype", "float32")))
+                                        pack=spec["pack"], pack_tokens=spec["pack_tokens"], dtype=spec.get("dtype", "float32"),
+                                        micro_tokens=spec.get("micro_tokens", 0)))
         for i, groups in enumerate(batches):
             t = time.perf_counter()
             m = learner.train_step(groups)
@@ -121,6 +122,15 @@ def _worker(spec: dict) -> dict:
             if i:
                 for k in ("ref_s", "policy_s", "optimizer_s"):
                     split.setdefault(k, []).append(m[k])
+        if spec.get("profile"):  # one more step under torch's profiler: where the time goes
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            with profile(activities=acts) as prof:
+                learner.train_step(batches[0])
+            sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+            split["profile"] = prof.key_averages().table(sort_by=sort, row_limit=spec["profile"], max_name_column_width=48)
+            split["profile_cpu"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=spec["profile"], max_name_column_width=48)
         t = time.perf_counter()
         learner.publish()
         split["publish_s"] = [time.perf_counter() - t]
@@ -144,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--packs", default="none,prefix,rows", help="the learner's layouts, the first is the baseline (default: %(default)s)")
     ap.add_argument("--micro-groups", type=int, default=4, help="groups per micro-batch where G allows (default: %(default)s, the default run's)")
     ap.add_argument("--pack-tokens", type=int, default=1024, help="the rows layout's row budget (default: %(default)s)")
+    ap.add_argument("--micro-tokens", type=int, default=0, help="the learner's micro-batches by tokens (learner.micro_tokens; "
+                    "0: --micro-groups; default: %(default)s)")
     ap.add_argument("--zero", type=int, default=0, help="the learner's ZeRO stage (default: %(default)s)")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch peer")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -156,7 +168,7 @@ def main(argv=None) -> int:
     resolve_model(a.model)  # convert the default model once, before the timed processes
     rate = matmul_flops()
     print(f"float32 matmul: {rate / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads); model {a.model}; learner ZeRO {a.zero}, "
-          f"micro-batches of {a.micro_groups} groups where G allows\n")
+          + (f"micro-batches of up to {a.micro_tokens} tokens\n" if a.micro_tokens else f"micro-batches of {a.micro_groups} groups where G allows\n"))
     hdr = (f"{'shape GxNxPxR':17} {'implementation':26} {'s/step':>7} {'tokens/s':>8} {'floor(comp)':>11} {'floor(dist)':>11} "
            f"{'peak RSS MB':>11} {'vs ' + a.packs.split(',')[0]:>9}   split: ref / policy / optimizer / publish (s)")
     print(hdr)
@@ -170,7 +182,8 @@ def main(argv=None) -> int:
         runs = ([("plain", "none", "plain PyTorch (peer)")] if not a.no_plain else []) + [("learner", p, names[p]) for p in packs] * a.repeats
         rows = {}
         for impl, pack, label in runs:
-            spec = dict(model=a.model, shape=shape, steps=a.steps, impl=impl, zero=a.zero, micro=micro, pack=pack, pack_tokens=a.pack_tokens)
+            spec = dict(model=a.model, shape=shape, steps=a.steps, impl=impl, zero=a.zero, micro=micro, pack=pack, pack_tokens=a.pack_tokens,
+                        micro_tokens=a.micro_tokens)
             out = subprocess.run([sys.executable, "-m", "agro_dist.learner.bench", "--worker", json.dumps(spec)], capture_output=True, text=True, env=env)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode != 0 or not lines:

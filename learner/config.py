@@ -19,6 +19,10 @@ class LearnerConfig:
     beta: float = 0.05
     batch_groups: int = 8  # groups per optimizer step, over all ranks
     micro_groups: int = 2  # groups per forward/backward on one rank
+    # > 0: micro-batches sized by tokens instead: consecutive groups while the tokens the layout
+    # puts through the model (padding included, batching.micro_batch_tokens) stay within this
+    # budget, one group at least; micro_groups is then unused. ZeRO 0-2.
+    micro_tokens: int = 0
     lr: float = 1e-6
     weight_decay: float = 0.0
     adam_betas: Tuple[float, float] = (0.9, 0.999)

@@ -12,6 +12,7 @@ caller's cursor) from which training continues bitwise.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import itertools
 import json
@@ -39,7 +40,7 @@ from agro_dist.models import resolve_model  # noqa: E402
 from agro_dist.records import Group  # noqa: E402
 from agro_dist.storage import CheckpointWriteError, Storage, atomic_write, commit_checkpoint, display, fetch_checkpoint, is_remote, join, latest_checkpoint  # noqa: E402
 
-from .batching import MicroBatch, Prefixed, check_groups, collate, has_behaviour_logprobs  # noqa: E402
+from .batching import MicroBatch, Prefixed, check_groups, collate, has_behaviour_logprobs, split_by_tokens, split_to_count  # noqa: E402
 from .config import PACKINGS, LearnerConfig  # noqa: E402,F401  (re-exported: agro_dist.learner.learner.LearnerConfig)
 from .logprobs import chunked_logprobs, module_chunked_logprobs, token_kl, token_kl_metric  # noqa: E402
 
@@ -105,7 +106,9 @@ def _init_distributed() -> None:
     # os.environ, which child processes would inherit. Not a TCP port: a free port found by
     # binding and closing can be taken by another process before the store binds it (EADDRINUSE,
     # seen once in CI while vLLM and Ray workers started next to it).
-    store = os.path.join(tempfile.mkdtemp(prefix="agro_dist-world-"), "store")
+    folder = tempfile.mkdtemp(prefix="agro_dist-world-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # nothing of ours left in /tmp
+    store = os.path.join(folder, "store")
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts it; alone it selects nothing
     deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False,
                                init_method=f"file://{store}", rank=0, world_size=1)
@@ -172,9 +175,15 @@ class Learner:
         if cfg.pack == "prefix" and cfg.gradient_checkpointing:
             raise ValueError("pack 'prefix' keeps the prompts' keys and values, which gradient checkpointing drops: "
                              "use pack 'rows' (or 'none') with gradient_checkpointing")
+        if cfg.micro_tokens < 0:
+            raise ValueError(f"micro_tokens must be >= 0 (0: micro-batches of micro_groups groups), got {cfg.micro_tokens}")
+        if cfg.micro_tokens and cfg.zero_stage == 3:
+            raise ValueError("micro_tokens needs zero_stage 0-2: ZeRO 3 takes one micro-batch per step here (set micro_tokens 0)")
+        if cfg.micro_tokens and cfg.batch_groups % self.world:
+            raise ValueError(f"batch_groups={cfg.batch_groups} must be a multiple of world_size={self.world}")
         if cfg.micro_groups < 1:
             raise ValueError(f"micro_groups must be >= 1, got {cfg.micro_groups}")
-        if cfg.batch_groups % (self.world * cfg.micro_groups):
+        if not cfg.micro_tokens and cfg.batch_groups % (self.world * cfg.micro_groups):
             raise ValueError(
                 f"batch_groups={cfg.batch_groups} must be a multiple of world_size * micro_groups = "
                 f"{self.world} * {cfg.micro_groups}: every rank gets equal, whole micro-batches"
@@ -264,11 +273,13 @@ class Learner:
             zero.update(overlap_comm=False, contiguous_gradients=True)
         if cfg.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu"}
+        # By groups, every step has exactly this many micro-batches per rank and DeepSpeed applies
+        # the optimizer on the last (its unmanaged mode lost gradients under ZeRO 3: measured). By
+        # tokens the count varies: train_step marks the last micro-batch itself (the boundary).
+        micro = cfg.micro_groups if not cfg.micro_tokens else cfg.batch_groups // self.world
         c = {
-            "train_micro_batch_size_per_gpu": cfg.micro_groups,
-            # Every step has exactly this many micro-batches per rank; DeepSpeed applies the
-            # optimizer on the last (its unmanaged mode lost gradients under ZeRO 3: measured).
-            "gradient_accumulation_steps": cfg.batch_groups // (self.world * cfg.micro_groups),
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": cfg.batch_groups // (self.world * micro),
             "zero_optimization": zero,
             # Stage 0 clips inside GuardedAdamW (which must see the pre-clip norm).
             "gradient_clipping": cfg.grad_clip if cfg.zero_stage > 0 else 0.0,
@@ -355,7 +366,7 @@ class Learner:
         if self.need_behaviour and not all(has_behaviour_logprobs(g) for g in groups):
             raise ValueError(f"{cfg.loss} needs the sampler's log-probs of every completion; these groups have none (logged data "
                              "without behavior_logprobs): use agro_off, which needs none")
-        chunks = [groups[s:s + cfg.micro_groups] for s in range(0, len(groups), cfg.micro_groups)]
+        chunks = self._micro_batches(groups)
         mbs = [collate(c, pad_id=self.pad_id, pad_multiple=cfg.pad_to_multiple_of, pack=cfg.pack, pack_tokens=cfg.pack_tokens) for c in chunks]
         times = collections.Counter()
         sums: Dict[str, float] = collections.defaultdict(float)
@@ -366,6 +377,8 @@ class Learner:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         for mb, gs in zip(mbs, chunks):
+            if cfg.micro_tokens:
+                self.engine.set_gradient_accumulation_boundary(mb is mbs[-1])
             t = time.perf_counter()
             ref_lp, ref_h = self._ref_logprobs(mb, gs)
             times["ref_s"] += time.perf_counter() - t
@@ -445,6 +458,19 @@ class Learner:
         if replay_fraction is not None:
             out["replay_fraction"] = float(replay_fraction)
         return out
+
+    def _micro_batches(self, groups: Sequence[Group]) -> List[List[Group]]:
+        """This rank's groups in micro-batches: ``micro_groups`` at a time, or by ``micro_tokens``
+        (then as many on every rank: the most any rank needs)."""
+        cfg = self.cfg
+        if not cfg.micro_tokens:
+            return [list(groups[s:s + cfg.micro_groups]) for s in range(0, len(groups), cfg.micro_groups)]
+        chunks = split_by_tokens(groups, cfg.micro_tokens, cfg.pack)
+        if self.world > 1:
+            n = torch.tensor([len(chunks)], device=self.engine.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            chunks = split_to_count(chunks, int(n.item()))
+        return chunks
 
     def _loss(self, logps, ref_lp, mask, mb: MicroBatch, opts: Dict[str, Any]):
         """The loss of one micro-batch: the mean over its prompts. Groups of different sizes

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from agro_dist.learner.batching import collate
+from agro_dist.learner.batching import collate, micro_batch_tokens, split_by_tokens, split_to_count
 from agro_dist.learner.learner import LearnerConfig, lr_at, response_hidden
 from agro_dist.learner.logprobs import chunked_logprobs, naive_logprobs, token_kl
 from agro_dist.losses import LOSSES, get_loss
@@ -281,6 +281,50 @@ def test_padding_and_micro_batch_layout_do_not_change_the_update(tiny_model):
     assert diff < 1e-6
 
 
+def test_micro_batch_tokens_are_what_each_layout_puts_through_the_model():
+    groups = batch_for_step(0, 4)
+    for k in (1, 2, 4):
+        for pack in ("none", "prefix", "rows"):
+            mb = collate(groups[:k], pack=pack, pack_tokens=10**6)
+            computed = {"none": lambda: mb.input_ids.numel(),
+                        "prefix": lambda: mb.packed.prompt_ids.numel() + mb.packed.ids.numel(),
+                        "rows": lambda: mb.packed.input_ids.numel()}[pack]()
+            assert micro_batch_tokens(groups[:k], pack) == computed, (k, pack)
+    # consecutive whole groups within the budget; a group over it alone
+    sizes = [micro_batch_tokens([g], "prefix") for g in groups]  # [47, 40, 26, 47]
+    chunks = split_by_tokens(groups, 100, "prefix")
+    assert [g for c in chunks for g in c] == groups
+    assert all(micro_batch_tokens(c, "prefix") <= 100 or len(c) == 1 for c in chunks)
+    assert [len(c) for c in chunks] == [2, 2] and sizes == [47, 40, 26, 47]
+    assert [len(c) for c in split_by_tokens(groups, 10, "prefix")] == [1, 1, 1, 1]
+    # split until as many as another rank needs, order kept
+    assert [len(c) for c in split_to_count([groups], 3)] == [1, 1, 2]  # 4 -> 2 + 2 -> 1 + 1 + 2
+    assert [g for c in split_to_count([groups], 3) for g in c] == groups
+    with pytest.raises(ValueError, match="cannot make 5"):
+        split_to_count([groups], 5)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_micro_batches_by_tokens_give_the_plain_loops_update(tiny_model, zero):
+    """Micro-batches of varying group counts (a token budget) and DeepSpeed's boundary set by the
+    learner: the same two steps as the plain loop (tolerance as in the test above)."""
+    batches = [batch_for_step(s, 4) for s in range(2)]
+    learner = make_learner(tiny_model, zero_stage=zero, micro_tokens=100, adam_eps=1e-4)
+    assert [[len(c) for c in learner._micro_batches(b)] for b in batches] == [[2, 2], [1, 2, 1]]  # not one fixed size
+    before = {k: v.clone() for k, v in learner.publish()[1].items()}
+    for b in batches:
+        assert learner.train_step(b)["skipped"] == 0
+    _, got = learner.publish()
+    want = plain_pytorch_steps(tiny_model, batches)
+    moved = max((want[k] - before[k]).abs().max().item() for k in want)
+    diff = max((got[k] - want[k]).abs().max().item() for k in want)
+    print(f"\nZeRO {zero}, micro_tokens 100: largest parameter change {moved:.3e}, largest difference from plain PyTorch {diff:.3e}")
+    assert learner.version == 2 and moved > 1e-3
+    assert diff < 1e-6
+    with pytest.raises(ValueError, match="micro_tokens needs zero_stage 0-2"):
+        make_learner(tiny_model, zero_stage=3, micro_groups=4, micro_tokens=100)
+
+
 @pytest.mark.parametrize("zero", [0, 2])
 def test_non_finite_batch_is_skipped_logged_counted_never_applied(tiny_model, zero, caplog):
     learner = make_learner(tiny_model, zero_stage=zero)
@@ -495,3 +539,23 @@ def test_two_ranks_under_torchrun_match_one_rank(tiny_model, tmp_path):
         diff = max((a[k] - b[k]).abs().max().item() for k in a)
         print(f"step {step}: 1 rank vs 2 ranks, max difference {diff:.2e}")
         assert diff < 1e-6  # float tolerance: gradients all-reduced across 2 ranks vs accumulated on 1
+
+
+def test_two_ranks_with_micro_batches_by_tokens_match_one_rank(tiny_model, tmp_path):
+    """A token budget under which the two ranks' halves need different numbers of micro-batches
+    (steps 1 and 2: 2 and 1): both run as many (ZeRO 2 reduces in each), and the update is one
+    rank's."""
+    natural = [[len(split_by_tokens(h, 100, "prefix")) for h in (b[:2], b[2:])] for b in (batch_for_step(s, 4) for s in range(3))]
+    assert natural == [[1, 1], [2, 1], [2, 1]]
+    worker = os.path.join(HERE, "learner_worker.py")
+    args = ["--steps", "3", "--zero", "2", "--batch-groups", "4", "--micro-tokens", "100"]
+    one = _run([sys.executable, worker, tiny_model, str(tmp_path / "one"), *args])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29632", worker, tiny_model, str(tmp_path / "two"), *args])
+    assert two.returncode == 0, two.stderr[-3000:]
+    for step in range(3):
+        a = load_file(str(tmp_path / "one" / f"params_{step}.safetensors"))
+        b = load_file(str(tmp_path / "two" / f"params_{step}.safetensors"))
+        diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        print(f"step {step}: 1 rank vs 2 ranks by tokens, max difference {diff:.2e}")
+        assert diff < 1e-6

@@ -53,9 +53,12 @@ def test_learner_actor_trains_from_the_buffer_and_publishes_through_the_object_s
         del packed
         # The store holds its own copy (the actor put the parameters themselves, no copy of its
         # own): a further step changes the learner, not the published weights.
-        ray.get(actor.step_from_buffer.remote(p=0.0, timeout_s=10))
+        assert ray.get(actor.step_from_buffer.remote(p=0.0, timeout_s=10))["version"] == 3
         again = unpack(ray.get(ref))
         assert all(torch.equal(again[k], weights[k]) for k in weights)
+        now = unpack(ray.get(ray.get(actor.publish.remote())[1]))
+        assert max((now[k] - weights[k]).abs().max().item() for k in weights) > 1e-3  # ... which the step did change (lr 1e-2)
+        del now, again
         s = buf.stats()
         assert s["acked"] == 12 and s["fresh_backlog"] == 0 and s["fresh_pending"] == 0
         buf.delete()
