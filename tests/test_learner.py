@@ -526,19 +526,25 @@ def test_kill_9_after_checkpoint_then_resume_is_bitwise_identical(tiny_model, tm
         assert all(torch.equal(a[k], b[k]) for k in a), f"step {step} differs after resume"
 
 
-def test_two_ranks_under_torchrun_match_one_rank(tiny_model, tmp_path):
+def _two_ranks_match_one(tiny_model, tmp_path, args, port, one_rank_args=()):
+    """Three steps of learner_worker.py alone and as 2 ranks under torchrun: the same weights after
+    each (float tolerance: gradients all-reduced across 2 ranks vs accumulated on 1)."""
     worker = os.path.join(HERE, "learner_worker.py")
-    args = ["--steps", "3", "--zero", "2", "--batch-groups", "4", "--micro-groups", "1"]
-    one = _run([sys.executable, worker, tiny_model, str(tmp_path / "one"), *args, "--micro-groups", "2"])
+    one = _run([sys.executable, worker, tiny_model, str(tmp_path / "one"), *args, *one_rank_args])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631", worker, tiny_model, str(tmp_path / "two"), *args])
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), worker, tiny_model, str(tmp_path / "two"), *args])
     assert two.returncode == 0, two.stderr[-3000:]
     for step in range(3):
         a = load_file(str(tmp_path / "one" / f"params_{step}.safetensors"))
         b = load_file(str(tmp_path / "two" / f"params_{step}.safetensors"))
         diff = max((a[k] - b[k]).abs().max().item() for k in a)
-        print(f"step {step}: 1 rank vs 2 ranks, max difference {diff:.2e}")
-        assert diff < 1e-6  # float tolerance: gradients all-reduced across 2 ranks vs accumulated on 1
+        print(f"step {step}: 1 rank vs 2 ranks ({' '.join(args)}), max difference {diff:.2e}")
+        assert diff < 1e-6
+
+
+def test_two_ranks_under_torchrun_match_one_rank(tiny_model, tmp_path):
+    args = ["--steps", "3", "--zero", "2", "--batch-groups", "4", "--micro-groups", "1"]
+    _two_ranks_match_one(tiny_model, tmp_path, args, 29631, one_rank_args=["--micro-groups", "2"])
 
 
 def test_two_ranks_with_micro_batches_by_tokens_match_one_rank(tiny_model, tmp_path):
@@ -547,15 +553,4 @@ def test_two_ranks_with_micro_batches_by_tokens_match_one_rank(tiny_model, tmp_p
     rank's."""
     natural = [[len(split_by_tokens(h, 100, "prefix")) for h in (b[:2], b[2:])] for b in (batch_for_step(s, 4) for s in range(3))]
     assert natural == [[1, 1], [2, 1], [2, 1]]
-    worker = os.path.join(HERE, "learner_worker.py")
-    args = ["--steps", "3", "--zero", "2", "--batch-groups", "4", "--micro-tokens", "100"]
-    one = _run([sys.executable, worker, tiny_model, str(tmp_path / "one"), *args])
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29632", worker, tiny_model, str(tmp_path / "two"), *args])
-    assert two.returncode == 0, two.stderr[-3000:]
-    for step in range(3):
-        a = load_file(str(tmp_path / "one" / f"params_{step}.safetensors"))
-        b = load_file(str(tmp_path / "two" / f"params_{step}.safetensors"))
-        diff = max((a[k] - b[k]).abs().max().item() for k in a)
-        print(f"step {step}: 1 rank vs 2 ranks by tokens, max difference {diff:.2e}")
-        assert diff < 1e-6
+    _two_ranks_match_one(tiny_model, tmp_path, ["--steps", "3", "--zero", "2", "--batch-groups", "4", "--micro-tokens", "100"], 29632)
