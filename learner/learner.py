@@ -12,7 +12,6 @@ caller's cursor) from which training continues bitwise.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import itertools
 import json
@@ -102,16 +101,14 @@ def _init_distributed() -> None:
     if "RANK" in os.environ:  # torchrun, or a Ray actor that set the usual variables
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
         return
-    # A lone process: a world of one through a file store, passed explicitly rather than through
-    # os.environ, which child processes would inherit. Not a TCP port: a free port found by
-    # binding and closing can be taken by another process before the store binds it (EADDRINUSE,
-    # seen once in CI while vLLM and Ray workers started next to it).
-    folder = tempfile.mkdtemp(prefix="agro_dist-world-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # nothing of ours left in /tmp
-    store = os.path.join(folder, "store")
+    # A lone process: a world of one over an in-memory store, made here rather than through
+    # os.environ (which child processes would inherit); DeepSpeed adopts an initialised world.
+    # Not a TCP port: a free port found by binding and closing can be taken by another process
+    # before the store binds it (EADDRINUSE, seen once in CI while vLLM and Ray workers started
+    # next to it). Not a file store: its folder outlived every process killed by Ray or SIGKILL.
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts it; alone it selects nothing
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False,
-                               init_method=f"file://{store}", rank=0, world_size=1)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False)
 
 
 def response_hidden(model: torch.nn.Module, mb: MicroBatch, device: torch.device) -> torch.Tensor:
