@@ -84,8 +84,10 @@ class RedisServer:
         self.maxmemory = maxmemory
         self.executable = executable or find_redis_server()
         sock = os.path.join(self.dir, "redis.sock")
+        self._sock_dir: Optional[str] = None  # a short folder of ours for the socket, removed on stop()
         if len(sock) > 100:  # AF_UNIX paths are limited to 108 bytes
-            sock = os.path.join(tempfile.mkdtemp(prefix="agro-rs-"), "redis.sock")
+            self._sock_dir = tempfile.mkdtemp(prefix="agro-rs-")
+            sock = os.path.join(self._sock_dir, "redis.sock")
         self.unix_socket = sock if unix_socket else None
         self.proc: Optional[subprocess.Popen] = None
         self._log = open(os.path.join(self.dir, "redis.log"), "ab")
@@ -144,6 +146,8 @@ class RedisServer:
         if self.proc and self.proc.poll() is None:
             return self
         conf = self._write_conf()
+        if self._sock_dir:
+            os.makedirs(self._sock_dir, mode=0o700, exist_ok=True)  # a restart after stop()
         self.proc = subprocess.Popen([self.executable, conf], stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
                                      preexec_fn=_die_with_parent)
         atexit.register(self.stop)
@@ -166,6 +170,7 @@ class RedisServer:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Shut down cleanly (the AOF is flushed), else kill."""
         if not self.proc or self.proc.poll() is not None:
+            self._remove_sock_dir()
             return
         try:
             with self._probe(2) as c:
@@ -176,9 +181,14 @@ class RedisServer:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
+        self._remove_sock_dir()
         if self._own_dir:
             self._log.close()
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _remove_sock_dir(self) -> None:
+        if self._sock_dir:
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would (tests)."""
