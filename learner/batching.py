@@ -27,7 +27,7 @@ position whose hidden state predicts it: the prompt's last token for a completio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -92,30 +92,33 @@ def has_behaviour_logprobs(g: Group) -> bool:
 
 
 
-def micro_batch_tokens(groups: Sequence[Group], pack: str) -> int:
-    """Tokens a micro-batch of ``groups`` puts through the model in layout ``pack``, padding
-    included: ``none`` pads every completion's row (its prompt included) to the longest; ``prefix``
-    pads the prompts to the longest prompt and the completions to the longest completion; ``rows``
-    has no padding (each group once). What ``micro_tokens`` bounds: activations and attention
-    grow with it."""
+def micro_batch_tokens(groups: Sequence[Group], pack: str, *, pack_tokens: int = 1024, pad_multiple: int = 1) -> int:
+    """Tokens a micro-batch of ``groups`` puts through the model in layout ``pack``: the size of
+    the model's input ``collate`` builds, padding included (``none``: every completion's row, its
+    prompt included, padded to the longest; ``prefix``: the prompts padded to the longest prompt
+    and the completions to the longest completion; ``rows``: ``_rows_of``'s rows padded to the
+    longest). What ``micro_tokens`` bounds: activations and attention grow with it."""
     if not groups:
         return 0
     comps = [len(c.token_ids) for g in groups for c in g.completions]
     if pack == "none":
-        return len(comps) * max(len(g.prompt_token_ids) + len(c.token_ids) for g in groups for c in g.completions)
+        L = max(len(g.prompt_token_ids) + len(c.token_ids) for g in groups for c in g.completions)
+        return len(comps) * _round_up(max(L, 2), pad_multiple)
     if pack == "prefix":
-        return len(groups) * max(len(g.prompt_token_ids) for g in groups) + len(comps) * max(comps)
-    return sum(len(g.prompt_token_ids) for g in groups) + sum(comps)
+        return (len(groups) * _round_up(max(len(g.prompt_token_ids) for g in groups), pad_multiple)
+                + len(comps) * _round_up(max(max(comps), 1), pad_multiple))
+    rows, lengths = _rows_of(groups, pack_tokens)
+    return len(rows) * _round_up(max(max(lengths), 1), pad_multiple)
 
 
-def split_by_tokens(groups: Sequence[Group], budget: int, pack: str) -> List[List[Group]]:
-    """Consecutive groups into micro-batches of at most ``budget`` tokens (``micro_batch_tokens``);
-    a group over the budget alone is a micro-batch of its own (groups are never cut: the
-    leave-one-out baselines need a group's completions together)."""
+def split_by_tokens(groups: Sequence[Group], budget: int, pack: str, *, pack_tokens: int = 1024, pad_multiple: int = 1) -> List[List[Group]]:
+    """Consecutive groups into micro-batches of at most ``budget`` tokens (``micro_batch_tokens``
+    with the same layout options); a group over the budget alone is a micro-batch of its own
+    (groups are never cut: the leave-one-out baselines need a group's completions together)."""
     out: List[List[Group]] = []
     cur: List[Group] = []
     for g in groups:
-        if cur and micro_batch_tokens(cur + [g], pack) > budget:
+        if cur and micro_batch_tokens(cur + [g], pack, pack_tokens=pack_tokens, pad_multiple=pad_multiple) > budget:
             out.append(cur)
             cur = []
         cur.append(g)
@@ -194,9 +197,9 @@ class Packed:
     src: torch.Tensor  # [N] long: flat index (b * T + t) of the hidden state predicting each response token
 
 
-def _pack_rows(groups: Sequence[Group], *, budget: int, pad_id: int = 0, pad_multiple: int = 1) -> Packed:
-    """Each group once, ``[prompt, c_1, ..., c_n]``, groups packed into rows of at most ``budget``
-    tokens (the groups are ``collate``'s, already checked)."""
+def _rows_of(groups: Sequence[Group], budget: int) -> Tuple[List[List[Group]], List[int]]:
+    """The ``rows`` layout's rows (consecutive groups while they fit in ``budget`` tokens, a longer
+    group alone) and their lengths in tokens."""
     rows: List[List[Group]] = [[]]
     lengths = [0]
     for g in groups:
@@ -206,6 +209,13 @@ def _pack_rows(groups: Sequence[Group], *, budget: int, pad_id: int = 0, pad_mul
             lengths.append(0)
         rows[-1].append(g)
         lengths[-1] += size
+    return rows, lengths
+
+
+def _pack_rows(groups: Sequence[Group], *, budget: int, pad_id: int = 0, pad_multiple: int = 1) -> Packed:
+    """Each group once, ``[prompt, c_1, ..., c_n]``, groups packed into rows of at most ``budget``
+    tokens (the groups are ``collate``'s, already checked)."""
+    rows, lengths = _rows_of(groups, budget)
     T = _round_up(max(max(lengths), 1), pad_multiple)
     B = len(rows)
     ids = np.full((B, T), pad_id, dtype=np.int64)

@@ -129,8 +129,9 @@ def _worker(spec: dict) -> dict:
             with profile(activities=acts) as prof:
                 learner.train_step(batches[0])
             sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-            split["profile"] = prof.key_averages().table(sort_by=sort, row_limit=spec["profile"], max_name_column_width=48)
-            split["profile_cpu"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=spec["profile"], max_name_column_width=48)
+            ops = prof.key_averages()
+            split["profile"] = ops.table(sort_by=sort, row_limit=spec["profile"], max_name_column_width=48)
+            split["profile_cpu"] = ops.table(sort_by="self_cpu_time_total", row_limit=spec["profile"], max_name_column_width=48)
         t = time.perf_counter()
         learner.publish()
         split["publish_s"] = [time.perf_counter() - t]

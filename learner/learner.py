@@ -462,7 +462,7 @@ class Learner:
         cfg = self.cfg
         if not cfg.micro_tokens:
             return [list(groups[s:s + cfg.micro_groups]) for s in range(0, len(groups), cfg.micro_groups)]
-        chunks = split_by_tokens(groups, cfg.micro_tokens, cfg.pack)
+        chunks = split_by_tokens(groups, cfg.micro_tokens, cfg.pack, pack_tokens=cfg.pack_tokens, pad_multiple=cfg.pad_to_multiple_of)
         if self.world > 1:
             n = torch.tensor([len(chunks)], device=self.engine.device)
             dist.all_reduce(n, op=dist.ReduceOp.MAX)

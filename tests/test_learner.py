@@ -285,11 +285,14 @@ def test_micro_batch_tokens_are_what_each_layout_puts_through_the_model():
     groups = batch_for_step(0, 4)
     for k in (1, 2, 4):
         for pack in ("none", "prefix", "rows"):
-            mb = collate(groups[:k], pack=pack, pack_tokens=10**6)
-            computed = {"none": lambda: mb.input_ids.numel(),
-                        "prefix": lambda: mb.packed.prompt_ids.numel() + mb.packed.ids.numel(),
-                        "rows": lambda: mb.packed.input_ids.numel()}[pack]()
-            assert micro_batch_tokens(groups[:k], pack) == computed, (k, pack)
+            for pack_tokens, pad_multiple in ((10**6, 1), (60, 1), (60, 8)):  # rows: one row, or several; padded to 8
+                mb = collate(groups[:k], pack=pack, pack_tokens=pack_tokens, pad_multiple=pad_multiple)
+                computed = {"none": lambda: mb.input_ids.numel(),
+                            "prefix": lambda: mb.packed.prompt_ids.numel() + mb.packed.ids.numel(),
+                            "rows": lambda: mb.packed.input_ids.numel()}[pack]()
+                assert micro_batch_tokens(groups[:k], pack, pack_tokens=pack_tokens, pad_multiple=pad_multiple) == computed, \
+                    (k, pack, pack_tokens, pad_multiple)
+    assert collate(groups, pack="rows", pack_tokens=60).packed.input_ids.shape[0] > 1  # the several-rows case is exercised
     # consecutive whole groups within the budget; a group over it alone
     sizes = [micro_batch_tokens([g], "prefix") for g in groups]  # [47, 40, 26, 47]
     chunks = split_by_tokens(groups, 100, "prefix")
