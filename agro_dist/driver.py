@@ -54,6 +54,17 @@ RUN_FILES = ("config.yaml", "driver.log", "train.csv", "eval.csv", "summary.json
 log = logging.getLogger("agro_dist")
 
 
+# A generator whose calls raise this many times in a row (its actor alive) stops the run.
+GENERATOR_ERRORS_IN_A_ROW = 5
+# The private Redis is started again this many times in a run before the run stops.
+REDIS_RESTARTS = 5
+# After a learner rank raised, how long the driver waits to learn whether a peer's actor died
+# (then the raise was the collective losing it: the learner is rebuilt) before failing the run.
+PEER_FATE_S = 120.0
+# A checkpoint or a publish of the weights taking longer than this fails the run.
+CHECKPOINT_LIMIT_S = 3600.0
+
+
 class StartupError(RuntimeError):
     """A part cannot start: the message says which and why; the driver exits with status 3."""
 
@@ -106,6 +117,14 @@ class Driver:
         self._gen_window = [0.0, 0.0, 0.0]  # tokens, engine seconds and reward seconds since the last row, all generators
         self._stale_seen: Dict[int, int] = {}
         self._reward_timeouts: Dict[int, int] = {}
+        self._gen_errors: Dict[int, int] = {}  # generator -> calls in a row that raised
+        self._gen_down: set = set()  # generators failed and not yet back (Ray restarting them)
+        self._where: Dict[str, str] = {}  # actor name -> the address of its node, as last asked
+        self._nodes_dead_at_start: set = set()
+        self._closing = threading.Event()  # set by close(): the Redis watch ends
+        self._redis_watch: Optional[threading.Thread] = None
+        self.redis_restarts = 0
+        self._redis_error: Optional[str] = None
 
     # ------------------------------------------------------------------ start-up
 
@@ -130,6 +149,7 @@ class Driver:
         self._check_model()
         self._start_ray()
         self._check_resources()
+        self._nodes_dead_at_start = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
         self.buffer_url, self.buffer_options = None, {}
         if cfg.run.mode != "offline":  # offline: the learner reads the file's groups from the driver
             self._start_buffer()
@@ -155,13 +175,16 @@ class Driver:
         """One line saying which node (address) each actor runs on: on a cluster, where to look."""
         actors = [(f"generator-{i}", a) for i, a in enumerate(self.generators)] + \
                  [(f"learner-{r}", a) for r, a in enumerate(self.learners)] + ([("eval", self.evaluator)] if self.evaluator else [])
-        try:
-            ips = ray.get([a.__ray_call__.remote(lambda _self: ray.util.get_node_ip_address()) for _, a in actors], timeout=60)
-        except Exception as e:  # informative only
-            log.warning("could not ask the actors where they run: %s", _first_line(e))
-            return
-        log.info("placement: %s (driver on %s)", ", ".join(f"{n} on {ip}" for (n, _), ip in zip(actors, ips)),
-                 ray.util.get_node_ip_address())
+        refs = [a.__ray_call__.remote(lambda _self: ray.util.get_node_ip_address()) for _, a in actors]
+        ray.wait(refs, num_returns=len(refs), timeout=60)
+        where = []
+        for (name, _), ref in zip(actors, refs):
+            try:
+                self._where[name] = ray.get(ref, timeout=0)
+                where.append(f"{name} on {self._where[name]}")
+            except Exception:  # informative only: one that is restarting says where it is when it is back
+                where.append(f"{name} (not answering)")
+        log.info("placement: %s (driver on %s)", ", ".join(where), ray.util.get_node_ip_address())
 
     def _check_model(self) -> None:
         from agro_dist.models import resolve_model
@@ -307,6 +330,8 @@ class Driver:
             except Exception as e:
                 raise StartupError(f"cannot start the private Redis (buffer.redis_port={b.redis_port}): {e}") from None
             url = self.redis.url
+            self._redis_watch = threading.Thread(target=self._watch_redis, name="redis-watch", daemon=True)
+            self._redis_watch.start()
         self.buffer_url = url
         # Frozen generators fall further behind every step: no staleness bound (it is recorded).
         max_staleness = None if self.cfg.run.mode == "frozen" else self.cfg.run.max_staleness
@@ -319,6 +344,36 @@ class Driver:
         if not self.cfg.run.resume:
             self.buffer.delete()
             self.buffer = ReplayBuffer(url, consumer="driver", name=self.cfg.run.name)
+
+    def _watch_redis(self) -> None:
+        """A thread: the private Redis, should it die (SIGKILL, the OOM killer), is started again
+        at once on the same address from its append-only file, which holds every write it
+        acknowledged (appendfsync decides only what a crash of the machine loses). The buffer's
+        clients retry a dropped connection for ~10 s (buffer/client.py), so the parts carry on."""
+        while not self._closing.wait(0.2):
+            if self.redis.alive():
+                continue
+            if self._closing.is_set():  # close() stopped it
+                return
+            code = self.redis.proc.returncode if self.redis.proc else None
+            self.redis_restarts += 1
+            if self.redis_restarts > REDIS_RESTARTS:
+                self._redis_error = f"the private Redis died {self.redis_restarts} times (exit code {code})"
+                return
+            log.warning("the private Redis died (exit code %s); starting it again from its append-only file (%d/%d)",
+                        code, self.redis_restarts, REDIS_RESTARTS)
+            t = time.perf_counter()
+            try:
+                self.redis.start()
+            except Exception as e:
+                self._redis_error = f"the private Redis died (exit code {code}) and could not be started again: {_first_line(e)}"
+                return
+            log.info("the private Redis is back in %.1f s (%s)", time.perf_counter() - t, os.path.join(self.redis.dir, "redis.log"))
+
+    def _check_redis(self) -> None:
+        if self._redis_error:
+            raise TrainingError(f"{self._redis_error}; what it acknowledged is in its append-only file in "
+                                f"{os.path.join(self.run_dir, 'redis')}: continue with --run.resume true")
 
     def _actor_options(self, kind: str, name: str) -> Dict[str, Any]:
         r = self.cfg.resources
@@ -434,7 +489,7 @@ class Driver:
         (when nothing else holds them) before the new copy arrives. Should publishing fail, the
         learner is rebuilt and ``_restore`` publishes and sends again."""
         self.latest = None
-        version, ref, _ = ray.get(self.learners[0].publish.remote())
+        version, ref, _ = self._gather([self.learners[0].publish.remote()], CHECKPOINT_LIMIT_S, "publishing the weights")[0]
         self.latest, self.published_version = (version, ref), int(version)
 
     def _weights(self) -> Tuple[int, Any]:
@@ -459,6 +514,8 @@ class Driver:
                     ray.get(ref)
                 except _ray_errors() as e:
                     self._gen_failed(i, e)
+                except ray.exceptions.RayTaskError as e:  # loading the weights raised: a restarted actor loads them again
+                    raise TrainingError(f"generator {i} could not load version {self.version}: {_first_line(e)}") from None
             if self.cfg.run.mode == "sync":
                 # Every generator holds these weights now: release the object store's copy a whole
                 # learner step before the next one is put. Dropped just before that put instead,
@@ -509,16 +566,45 @@ class Driver:
     def epochs_done(self) -> float:
         return self._consumed / len(self.data) if self.data else 0.0
 
+    def _gather(self, refs, limit: float, what: str) -> List[Any]:
+        """Every learner rank's answer to one call (a step, a checkpoint). A rank whose actor is
+        gone (its process or its node) raises Ray's actor error at once, for the caller to rebuild
+        the learner: its peers may wait in a collective with it for ever and are killed then. A
+        rank that raised while a peer's actor died (its collective lost the peer) counts as that
+        death; one that raised on its own re-raises its error."""
+        deadline = time.monotonic() + limit
+        out: Dict[Any, Any] = {}
+        raised: Optional[Exception] = None
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                if raised is not None:
+                    break
+                raise TrainingError(f"{what} took over {limit:.0f} s; learner ranks still running: "
+                                    f"{[refs.index(x) for x in pending]}{self._dead_nodes()}")
+            try:
+                out[ready[0]] = ray.get(ready[0])
+            except _ray_errors() as e:
+                e.agro_rank = refs.index(ready[0])  # noqa: B010 (the rank lost, for the message)
+                raise
+            except ray.exceptions.RayTaskError as e:
+                raised = raised or e
+                # A lost peer's fate is known within Ray's node health checks (seconds to a minute).
+                deadline = min(deadline, time.monotonic() + PEER_FATE_S)
+        if raised is not None:
+            raise raised
+        return [out[x] for x in refs]
+
     def _collect_step(self, refs) -> Dict[str, float]:
         try:
-            ms = ray.get(refs, timeout=self.cfg.run.step_timeout_s + 60)
-        except ray.exceptions.GetTimeoutError:
-            raise TrainingError(f"a learner step took over {self.cfg.run.step_timeout_s + 60:.0f} s (run.step_timeout_s)") from None
+            ms = self._gather(refs, self.cfg.run.step_timeout_s + 60, "a learner step (run.step_timeout_s)")
         except ray.exceptions.RayTaskError as e:
+            self._check_redis()
             if "BufferTimeout" in str(e):
                 raise TrainingError(f"no data reached the learner within run.step_timeout_s={self.cfg.run.step_timeout_s:g} s: "
                                     f"are the generators alive? ({_first_line(e)})") from None
-            raise TrainingError(f"the learner raised: {_first_line(e)}") from e
+            raise TrainingError(f"the learner raised: {_first_line(e)}{self._dead_nodes()}") from e
         # Ranks see different groups: average their batch statistics; throughput adds up.
         out = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0] if all(k in m for m in ms)}
         out["tokens_per_s"] = sum(m["tokens_per_s"] for m in ms)
@@ -531,8 +617,10 @@ class Driver:
         if self.learner_restarts > self.cfg.run.learner_restarts:
             raise TrainingError(f"the learner failed {self.learner_restarts} times (run.learner_restarts="
                                 f"{self.cfg.run.learner_restarts}); last: {_first_line(err)}") from None
-        log.warning("learner failed (%s); rebuilding it from the latest checkpoint (%d/%d)", _first_line(err),
-                    self.learner_restarts, self.cfg.run.learner_restarts)
+        rank = getattr(err, "agro_rank", None)
+        who = "" if rank is None else f" rank {rank} (on {self._where.get(f'learner-{rank}', 'an unknown node')})"
+        log.warning("learner%s failed (%s)%s; rebuilding it from the latest checkpoint (%d/%d)", who, _first_line(err),
+                    self._dead_nodes(), self.learner_restarts, self.cfg.run.learner_restarts)
         for a in self.learners:
             ray.kill(a, no_restart=True)
         if self._pg is not None:
@@ -542,6 +630,15 @@ class Driver:
         self._start_learner()
         if self._restore() is None:
             log.warning("no checkpoint yet: the learner restarted from the initial weights")
+        self._log_placement()
+
+    def _dead_nodes(self) -> str:
+        """" (Ray reports node 10.0.0.3 dead)" for nodes lost since start-up, for a failure's message."""
+        try:
+            dead = [n["NodeManagerAddress"] for n in ray.nodes() if not n["Alive"] and n["NodeID"] not in self._nodes_dead_at_start]
+        except Exception:  # informative only
+            return ""
+        return f" (Ray reports node{'s' if len(dead) > 1 else ''} {', '.join(sorted(set(dead)))} dead)" if dead else ""
 
     def _card(self) -> Dict[str, Any]:
         """What the checkpoint's model card says about the run (the learner adds loss, beta, steps)."""
@@ -557,7 +654,7 @@ class Driver:
     def _checkpoint(self, elapsed: float) -> None:
         extra = dict(step=self.step, samples=self.samples, elapsed_s=elapsed, consumed=self._consumed, card=self._card())
         try:
-            ray.get([a.save_checkpoint.remote(self.ckpt_dir, extra) for a in self.learners])
+            self._gather([a.save_checkpoint.remote(self.ckpt_dir, extra) for a in self.learners], CHECKPOINT_LIMIT_S, "a checkpoint")
         except ray.exceptions.RayTaskError as e:
             if not isinstance(e.cause, CheckpointWriteError):
                 raise
@@ -653,13 +750,49 @@ class Driver:
         self._gen_window[2] += rew - p_rew
         self._gen_last[i] = (tok, secs, rew)
         self._reward_timeouts[i] = int(stats.get("reward_timeouts", 0))
+        self._gen_errors[i] = 0
+        if i in self._gen_down:
+            self._gen_back(i)
+
+    def _gen_raised(self, i: int, err: Exception) -> None:
+        """A generator's call raised (its actor lives on): a passing fault (the buffer's Redis
+        restarting, say) is logged and the call made again; a generator that keeps raising stops
+        the run. The groups it had put are in the buffer either way."""
+        self._check_redis()
+        self._gen_errors[i] = self._gen_errors.get(i, 0) + 1
+        if self._gen_errors[i] > GENERATOR_ERRORS_IN_A_ROW:
+            raise TrainingError(f"generator {i} raised in {self._gen_errors[i]} calls in a row; last: {_first_line(err)}") from None
+        log.warning("generator %d's call raised (%s); calling it again (%d in a row)", i, _first_line(err), self._gen_errors[i])
+
+    def _gen_outcome(self, i: int, ref) -> None:
+        """The result of generator i's call ``ref``: its counters, or its failure handled."""
+        try:
+            self._gen_result(i, ray.get(ref))
+        except _ray_errors() as e:
+            self._gen_failed(i, e)
+        except ray.exceptions.RayTaskError as e:
+            self._gen_raised(i, e)
 
     def _gen_failed(self, i: int, err: Exception) -> None:
-        self.gen_restarts += 1
+        """Generator i's actor failed: Ray restarts it (on another node if its own is gone). Calls
+        made while it restarts fail at once: they are made again, quietly, until it is back."""
         self._gen_last[i] = (0.0, 0.0, 0.0)
-        log.warning("generator %d failed (%s); Ray restarts it, it gets version %d before its next call (%d restart(s) so far)",
-                    i, _first_line(err), self.version, self.gen_restarts)
+        if i not in self._gen_down:
+            self._gen_down.add(i)
+            self.gen_restarts += 1
+            where = self._where.get(f"generator-{i}")
+            log.warning("generator %d%s failed (%s)%s; Ray restarts it, it gets version %d before its next call (%d restart(s) so far)",
+                        i, f" (on {where})" if where else "", _first_line(err), self._dead_nodes(), self.version, self.gen_restarts)
         self._send_weights(self.generators[i])
+
+    def _gen_back(self, i: int) -> None:
+        self._gen_down.discard(i)
+        try:
+            self._where[f"generator-{i}"] = ray.get(self.generators[i].__ray_call__.remote(lambda _self: ray.util.get_node_ip_address()),
+                                                    timeout=30)
+        except Exception:  # informative only
+            pass
+        log.info("generator %d is back, on %s", i, self._where.get(f"generator-{i}", "(its node did not say)"))
 
     def _row(self, m: Dict[str, float], elapsed: float, sync_s: float) -> Tuple[Dict[str, float], Dict[int, int]]:
         """The step's train.csv row, and the groups trained since the last row by staleness."""
@@ -755,15 +888,12 @@ class Driver:
                 while True:
                     waiting = list(gen_refs) + step_refs
                     ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
-                    if set(step_refs) & set(ready) and all(ray.wait([x], timeout=0)[0] for x in step_refs):
+                    self._check_redis()
+                    if set(step_refs) & set(ready) and _step_over(step_refs):
                         break
                     for ref in ready:
                         if ref in gen_refs:
-                            i = gen_refs.pop(ref)
-                            try:
-                                self._gen_result(i, ray.get(ref))
-                            except errors as e:
-                                self._gen_failed(i, e)
+                            self._gen_outcome(gen_refs.pop(ref), ref)
                     if r.mode in ("async", "frozen"):
                         self._refill(gen_refs, max_backlog)
                 # The learner can die anywhere in here (its step, publishing, checkpointing): rebuild it
@@ -813,7 +943,8 @@ class Driver:
             except Exception:
                 pass
         return dict(before=before, after=after, elapsed_s=elapsed(), steps=self.step, samples=self.samples,
-                    buffer=self._buffer_stats(), epochs=self.epochs_done if self.data else None)
+                    buffer=self._buffer_stats(), epochs=self.epochs_done if self.data else None, generator_restarts=self.gen_restarts,
+                    learner_restarts=self.learner_restarts, redis_restarts=self.redis_restarts)
 
     def _produce_step(self, per_step: int) -> None:
         """Sync mode: the generators make exactly one step's groups with the current weights."""
@@ -822,10 +953,7 @@ class Driver:
         while refs:
             for ref, i in list(refs.items()):
                 del refs[ref]
-                try:
-                    self._gen_result(i, ray.get(ref))
-                except _ray_errors() as e:
-                    self._gen_failed(i, e)
+                self._gen_outcome(i, ref)
             # A generator that died mid-call put some of its groups (or none): top up, one call
             # per generator at a time, until the step's batch is complete.
             missing = per_step - self.buffer.stats()["fresh_backlog"]
@@ -847,6 +975,9 @@ class Driver:
     # ------------------------------------------------------------------ shutdown
 
     def close(self) -> None:
+        self._closing.set()
+        if self._redis_watch is not None:
+            self._redis_watch.join(timeout=30)
         for a in self.generators + self.learners + ([self.evaluator] if self.evaluator else []):
             try:
                 ray.kill(a, no_restart=True)
@@ -902,6 +1033,20 @@ def _probe_ray(address: str, where: str, timeout: float) -> None:
         why = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
         raise StartupError(f"the Ray cluster at {address} ({where}) does not answer ({why}, {timeout:g} s limit): is the head up "
                            f"(`ray status --address {address}`), is the address right, does a firewall block its GCS port?") from None
+
+
+def _step_over(step_refs) -> bool:
+    """Every rank's step has returned, or one has failed (its peers may wait in a collective for
+    ever: _collect_step sorts out which failure it is)."""
+    done = ray.wait(step_refs, num_returns=len(step_refs), timeout=0)[0]
+    if len(done) == len(step_refs):
+        return True
+    for ref in done:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:
+            return True
+    return False
 
 
 @ray.remote

@@ -11,8 +11,8 @@ Turning the timeout off instead would leave a hung or unreachable server undetec
 of BLPOP/BRPOP/BLMOVE/BZPOPMIN/..., WAIT), for single commands and pipelines alike. So:
 
 - a wait of any length up to the caller's own deadline works, whatever the library defaults are;
-- a dead Redis is still noticed promptly: a killed server closes the socket (an error after ~2 s
-  of reconnect attempts),
+- a dead Redis is still noticed promptly: a killed server closes the socket (an error after ~10 s
+  of reconnect attempts, time for the driver to start its private Redis again),
   a hung one misses its reply deadline by ``socket_timeout`` (``DEFAULT_SOCKET_TIMEOUT_S`` unless
   the URL or the caller sets ``socket_timeout``), and a lost host or network is found by TCP
   keepalive probes within ~``KEEPALIVE`` seconds even in the middle of a long block.
@@ -34,10 +34,11 @@ from redis.retry import Retry
 
 DEFAULT_SOCKET_TIMEOUT_S = 10.0  # a reply (beyond the command's own blocking time) later than this: the server is hung
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
-# A dropped connection is retried 3 times within ~2 s (a server restarting, a network blip); a
-# reply deadline missed is not retried: the server is hung, and a retried blocking read would
-# wait its whole block time again. (redis-py 8's own default retries timeouts too, up to ~30 s.)
-RETRIES, BACKOFF_BASE_S, BACKOFF_CAP_S = 3, 0.25, 1.0
+# A dropped connection is retried 6 times within ~10 s (0.5, 1, 2, 2, 2, 2 s apart): long enough
+# for a restarting server (the driver starts its private Redis again from the AOF within ~1 s) or a
+# network blip; a reply deadline missed is not retried: the server is hung, and a retried blocking
+# read would wait its whole block time again. (redis-py 8's own default retries timeouts too, up to ~30 s.)
+RETRIES, BACKOFF_BASE_S, BACKOFF_CAP_S = 6, 0.25, 2.0
 # TCP keepalive: first probe after 5 s idle, then every 2 s, give up after 3 unanswered (~11 s).
 KEEPALIVE = {"TCP_KEEPIDLE": 5, "TCP_KEEPINTVL": 2, "TCP_KEEPCNT": 3}
 

@@ -47,7 +47,7 @@ class Cluster:
 
     def __init__(self, prefix: str = "agro", workers: int = 2, subnet: str = "10.77.0", root: Optional[str] = None,
                  cpus: Union[int, Dict[str, int]] = 2, resources: Optional[Dict[str, Dict[str, float]]] = None,
-                 python_bin: Optional[str] = None):
+                 python_bin: Optional[str] = None, node_env: Optional[Dict[str, str]] = None):
         self.prefix, self.subnet = prefix, subnet
         self.nodes = ["head"] + [f"w{i}" for i in range(1, workers + 1)]
         # Per node: CPUs declared to Ray, and custom resources (every node also has host_<name>: 1,
@@ -58,6 +58,9 @@ class Cluster:
         self.bin = python_bin or os.path.dirname(sys.executable)
         self.procs: Dict[str, subprocess.Popen] = {}
         self.token = None
+        # Extra environment of the Ray processes: Ray reads its system settings from RAY_<name>
+        # (the tests shorten the head's node health checks: RAY_health_check_period_ms, ...).
+        self.node_env = dict(node_env or {})
 
     # ------------------------------------------------------------------ addresses
 
@@ -162,7 +165,7 @@ class Cluster:
         else:
             args += [f"--address={self.address}"]
         log = open(os.path.join(self.root, f"{node}.log"), "a")
-        self.procs[node] = self.run_in(node, args, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+        self.procs[node] = self.run_in(node, args, env=self.env(**self.node_env), stdout=log, stderr=subprocess.STDOUT)
 
     def up(self, timeout_s: float = 180) -> "Cluster":
         os.makedirs(self.root, exist_ok=True)
@@ -192,6 +195,17 @@ class Cluster:
                 if time.time() > deadline:
                     raise RuntimeError(f"the Ray head's dashboard did not answer: {self.log('head')[-3000:]}") from None
                 time.sleep(1)
+
+    def restart_node(self, node: str, timeout_s: float = 180) -> None:
+        """Bring a lost worker back (its processes killed, its link up, Ray started again): a new
+        node at the same address, as a replaced host."""
+        self.kill_node(node)
+        self.set_link(node, True)
+        p = self.procs.pop(node, None)
+        if p is not None:
+            p.wait(timeout=20)
+        self.start_node(node)
+        self.wait_nodes(len(self.nodes), timeout_s)
 
     def alive_nodes(self) -> List[str]:
         """Node names Ray counts as alive (asked from the machine, through the bridge)."""

@@ -82,8 +82,8 @@ def test_a_killed_redis_is_noticed_within_seconds_during_a_long_block(tmp_path):
         t0 = time.monotonic()
         with pytest.raises(redis.ConnectionError):
             buf.sample(1, p=0.0)
-        # Not the 120 s the sample may block: the closed socket is noticed, three reconnects fail.
-        assert time.monotonic() - t0 < 8, time.monotonic() - t0
+        # Not the 120 s the sample may block: the closed socket is noticed, six reconnects fail (~10 s of backoff).
+        assert time.monotonic() - t0 < 15, time.monotonic() - t0
     finally:
         server.stop()
         buf.r.close()

@@ -294,9 +294,9 @@ def test_frozen_generators_keep_the_initial_weights_and_staleness_grows(head, ti
     assert set(map(int, summary["buffer"]["staleness_hist"])) == set(range(6))
 
 
-def _train_and_kill(head, args, run_dir, actor_name, after_rows):
+def _train_and_kill(head, args, run_dir, actor_name, after_rows, kill=None):
     """Run the driver; once train.csv has ``after_rows`` rows, SIGKILL the actor's process (a
-    crash, not a polite shutdown). Returns (exit status, the driver's output)."""
+    crash, not a polite shutdown), or call ``kill()``. Returns (exit status, the driver's output)."""
     log_path = run_dir.parent / f"{run_dir.name}.log"  # a file, not a pipe: a full pipe would block the driver
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "agro_dist", *args], env=dict(head["env"], RAY_ADDRESS=head["address"]),
@@ -311,6 +311,10 @@ def _train_and_kill(head, args, run_dir, actor_name, after_rows):
                 time.sleep(0.5)
             else:
                 pytest.fail("training did not get far enough: " + open(log_path).read()[-4000:])
+            if kill is not None:
+                kill()
+                proc.wait(timeout=600)
+                return proc.returncode, open(log_path).read()
             # The state API through the CLI, as a user would (the head's token travels in head["env"]).
             ls = subprocess.run([f"{BIN}/ray", "list", "actors", "--address", head["address"], "--filter", "state=ALIVE", "--detail",
                                  "--format", "json"], env=head["env"], capture_output=True, text=True, timeout=120)
@@ -337,9 +341,43 @@ def test_killing_a_generator_mid_run_loses_no_group_and_training_goes_on(head, t
                  "--resources.generator_cpus", "0.5", "--run.max_staleness", "null", "--run.eval_every", "0")
     rc, out = _train_and_kill(head, args, run_dir, "kill-generator-0", after_rows=2)
     assert rc == 0, out[-4000:]
-    assert "generator 0 failed" in out
+    assert re.search(r"generator 0 \(on [\d.]+\) failed", out), out[-4000:]
     rows = _rows(run_dir / "train.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, 9)) and int(rows[-1]["generator_restarts"]) >= 1
+    _nothing_lost(run_dir)
+
+
+def _redis_pid(folder) -> int:
+    """The redis-server process working in this folder (the driver's private one: it runs in its
+    ``dir``, and rewrites its command line, so that is what tells it apart)."""
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and "redis-server" in open(f"/proc/{d}/cmdline").read() and os.readlink(f"/proc/{d}/cwd") == str(folder):
+                return int(d)
+        except OSError:
+            pass
+    raise AssertionError(f"no redis-server in {folder}")
+
+
+def test_the_private_redis_killed_mid_run_comes_back_from_its_aof_and_nothing_is_lost(head, tiny_vllm_model, tmp_path):
+    run_dir = tmp_path / "rkill"
+    args = _args(tiny_vllm_model, tmp_path, "rkill", "--run.mode", "async", "--run.steps", "8", "--run.max_staleness", "null",
+                 "--run.eval_every", "0")
+    killed = []
+
+    def kill():
+        pid = _redis_pid(run_dir / "redis")
+        os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+        killed.append((pid, len(_rows(run_dir / "train.csv"))))
+
+    rc, out = _train_and_kill(head, args, run_dir, None, after_rows=3, kill=kill)
+    assert rc == 0, out[-4000:]
+    assert killed and killed[0][1] < 8, killed  # it died mid-run
+    assert "the private Redis died (exit code -9); starting it again from its append-only file (1/5)" in out, out[-4000:]
+    rows = _rows(run_dir / "train.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 9)), [r["step"] for r in rows]
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["redis_restarts"] == 1 and summary["learner_restarts"] == 0
     _nothing_lost(run_dir)
 
 
@@ -350,7 +388,7 @@ def test_killing_the_learner_resumes_it_from_its_last_checkpoint(head, tiny_vllm
     # ZeRO 2 (the resume below does not repeat the flag: the run's saved config.yaml supplies it; issue 16).
     rc, out = _train_and_kill(head, [*args, "--learner.zero_stage", "2"], run_dir, "lkill-learner-0", after_rows=4)
     assert rc == 0, out[-4000:]
-    assert "learner failed" in out and "rebuilding it from the latest checkpoint" in out
+    assert re.search(r"learner rank 0 \(on [\d.]+\) failed", out) and "rebuilding it from the latest checkpoint" in out, out[-4000:]
     rows = _rows(run_dir / "train.csv")
     steps = [int(r["step"]) for r in rows]
     # Steps count up to the failure (f), then go on after the last checkpoint (c, a multiple of 3,
