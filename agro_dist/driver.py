@@ -4,7 +4,11 @@
                       ^                                       | fresh (1-p) / replayed (p)
                       +---- weights v (object store) <--- [learner: N DeepSpeed ranks]
 
-The loop is thin; the work happens in the actors. Per learner step:
+Where things are: start-up (Ray, room on the cluster, the private Redis, placing the actors) is
+``agro_dist/startup.py``; the two training loops, sync and async (with frozen and offline), are
+``agro_dist/loops.py``; this file holds the run's state and does each step's work (collect,
+count, broadcast, checkpoint, evaluate) and the recovery from faults. The loop is thin; the work
+happens in the actors.
 
 - **sync** (``run.mode: sync``): the generators make exactly this step's groups with the
   current weights, the learner trains on them (p = 0, staleness 0), publishes version v+1, and
@@ -16,12 +20,13 @@ The loop is thin; the work happens in the actors. Per learner step:
   than ``max_staleness`` versions old are skipped by the buffer; ``replay_prob`` slots come from
   the history.
 
-Faults: a generator that dies is restarted by Ray (``max_restarts``); the driver sends it the
-latest weights before its next call, and any groups it had put stay in the buffer. A learner
-rank that dies takes the whole DeepSpeed group down; the driver rebuilds it from the latest
-checkpoint (``run.learner_restarts`` times), and the groups of the failed step, never acked,
-are delivered again. ``run.resume`` restarts a stopped run from its folder (checkpoint, counters,
-the private Redis's append-only file).
+Faults: a generator that dies is restarted by Ray (``max_restarts``), on another node if its own
+is lost; the driver sends it the latest weights before its next call, and any groups it had put
+stay in the buffer. A learner rank that dies (or whose node is lost) takes the whole DeepSpeed
+group down; the driver kills the rest, rebuilds it from the latest checkpoint
+(``run.learner_restarts`` times), and the groups of the failed step, never acked, are delivered
+again. The private Redis, killed, is started again from its append-only file. ``run.resume``
+restarts a stopped run from its folder (checkpoint, counters, the private Redis's AOF).
 """
 
 from __future__ import annotations
@@ -30,13 +35,9 @@ import dataclasses
 import json
 import logging
 import os
-import secrets
 import shutil
-import signal
-import socket
 import sys
 import tempfile
-import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -44,8 +45,11 @@ import ray
 import yaml
 
 from agro_dist import config as config_mod
+from agro_dist import loops, startup
 from agro_dist.config import Config, ConfigError
 from agro_dist.monitor import RunMonitor, plot_run, progress_line
+from agro_dist.startup import StartupError, redact
+from agro_dist.startup import first_line as _first_line
 from agro_dist.storage import CheckpointWriteError, Storage, display, is_remote, join, latest_checkpoint
 
 # A run's files besides its checkpoints: uploaded to remote storage, downloaded to resume.
@@ -63,10 +67,6 @@ REDIS_RESTARTS = 5
 PEER_FATE_S = 120.0
 # A checkpoint or a publish of the weights taking longer than this fails the run.
 CHECKPOINT_LIMIT_S = 3600.0
-
-
-class StartupError(RuntimeError):
-    """A part cannot start: the message says which and why; the driver exits with status 3."""
 
 
 class TrainingError(RuntimeError):
@@ -121,10 +121,8 @@ class Driver:
         self._gen_down: set = set()  # generators failed and not yet back (Ray restarting them)
         self._where: Dict[str, str] = {}  # actor name -> the address of its node, as last asked
         self._nodes_dead_at_start: set = set()
-        self._closing = threading.Event()  # set by close(): the Redis watch ends
-        self._redis_watch: Optional[threading.Thread] = None
-        self.redis_restarts = 0
-        self._redis_error: Optional[str] = None
+        self._redis_watch = None  # buffer.server.RedisWatch of the private Redis
+        self._pg = None  # the learner ranks' placement group
 
     # ------------------------------------------------------------------ start-up
 
@@ -146,9 +144,13 @@ class Driver:
         logging.getLogger().addHandler(self._log_file)
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-        self._check_model()
-        self._start_ray()
-        self._check_resources()
+        startup.check_model(cfg)
+        try:
+            self.own_ray = startup.start_ray(cfg)
+        except StartupError as e:
+            self.abandoned = e.abandoned
+            raise
+        startup.check_resources(cfg)
         self._nodes_dead_at_start = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
         self.buffer_url, self.buffer_options = None, {}
         if cfg.run.mode != "offline":  # offline: the learner reads the file's groups from the driver
@@ -156,16 +158,16 @@ class Driver:
         self.monitor = RunMonitor(self.run_dir, cfg.run.name, resume=resume, tensorboard=cfg.run.tensorboard)
         t = time.perf_counter()
         if cfg.run.mode != "offline":
-            self._start_generators()
-        self._start_learner()
-        if not self.cfg.eval_on_generator():
-            self._start_evaluator()
+            self.generators = startup.start_generators(cfg, self.buffer_url)
+        self.learners, self._pg = startup.start_learner(cfg, self.buffer_url, self.buffer_options)
+        if not cfg.eval_on_generator():
+            self.evaluator = startup.start_evaluator(cfg)
         meta = self._restore() if resume else {}
         self.started = True
         log.info("started %d generator(s), %d learner rank(s)%s in %.0f s; buffer %s; run folder %s",
                  len(self.generators), len(self.learners), ", an eval actor" if self.evaluator else " (generator 0 evaluates)",
                  time.perf_counter() - t,
-                 _redact(self.buffer_url) if self.buffer_url else f"none (offline: {self.cfg.data.path})",
+                 redact(self.buffer_url) if self.buffer_url else f"none (offline: {cfg.data.path})",
                  f"{display(self.home)} (work folder {self.run_dir})" if self.remote else self.run_dir)
         if meta:
             log.info("resumed at step %d (version %d, %d samples)", self.step, self.version, self.samples)
@@ -175,289 +177,34 @@ class Driver:
         """One line saying which node (address) each actor runs on: on a cluster, where to look."""
         actors = [(f"generator-{i}", a) for i, a in enumerate(self.generators)] + \
                  [(f"learner-{r}", a) for r, a in enumerate(self.learners)] + ([("eval", self.evaluator)] if self.evaluator else [])
-        refs = [a.__ray_call__.remote(lambda _self: ray.util.get_node_ip_address()) for _, a in actors]
-        ray.wait(refs, num_returns=len(refs), timeout=60)
-        where = []
-        for (name, _), ref in zip(actors, refs):
-            try:
-                self._where[name] = ray.get(ref, timeout=0)
-                where.append(f"{name} on {self._where[name]}")
-            except Exception:  # informative only: one that is restarting says where it is when it is back
-                where.append(f"{name} (not answering)")
-        log.info("placement: %s (driver on %s)", ", ".join(where), ray.util.get_node_ip_address())
-
-    def _check_model(self) -> None:
-        from agro_dist.models import resolve_model
-
-        for what, m in (("model", self.cfg.model), ("learner.ref_model", self.cfg.learner.ref_model)):
-            if m is None:
-                continue
-            try:
-                resolve_model(m)
-            except Exception as e:  # a missing folder, a broken GGUF conversion
-                raise StartupError(f"{what} {m!r} cannot be loaded: {e}") from None
-
-    def _start_ray(self) -> None:
-        """Join the configured cluster (``run.ray_address``, else ``RAY_ADDRESS``, as inside a Ray
-        job), or start a private local Ray. Joining is bounded by ``run.connect_timeout_s``: Ray's
-        own client retries a dead head forever."""
-        address = self.cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-        timeout = self.cfg.run.connect_timeout_s
-        # Actors inherit this; vLLM's INFO lines would drown the progress line.
-        env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"), "TOKENIZERS_PARALLELISM": "false"}
-        if address:
-            where = "run.ray_address" if self.cfg.run.ray_address else "RAY_ADDRESS"
-            _probe_ray(address, where, timeout)
-            kwargs = dict(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-        else:
-            log.info("no Ray address configured (run.ray_address, RAY_ADDRESS): starting a private local Ray")
-            # "local": always a Ray of our own. Without it ray.init() joins whatever cluster Ray's
-            # temp folder last recorded (ray_current_cluster), even a dead one (issue 18).
-            kwargs = dict(address="local", runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
-                          log_to_driver=True, object_store_memory=self._object_store_bytes())
-        if address:
-            ctx = self._join_cluster(kwargs, address, where, timeout)
-        else:  # in the main thread: Ray ties the head's processes to the thread that starts them
-            try:
-                ctx = ray.init(**kwargs)
-            except Exception as e:
-                raise StartupError(f"cannot start a local Ray: {_first_line(e)}") from None
-        self.own_ray = not address
-        log.info("Ray %s: %s CPU, %s GPU; dashboard http://%s", address or "local (started here)",
-                 ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0),
-                 getattr(ctx, "dashboard_url", None) or "(not running)")
-
-    def _object_store_bytes(self) -> int:
-        """``resources.object_store_gb``, or sized for what the store carries: published weights,
-        one version while generators load it and the next being put (2.5 x the weights)."""
-        gb = self.cfg.resources.object_store_gb
-        if gb > 0:
-            return int(gb * 1e9)
-        from agro_dist.models import resolve_model, weights_bytes
-
-        per_param = 4 if self.cfg.learner.dtype == "float32" else 2
-        return max(int(2.5 * weights_bytes(resolve_model(self.cfg.model), per_param)), int(0.5e9))
-
-    def _join_cluster(self, kwargs: Dict[str, Any], address: str, where: str, timeout: float):
-        """``ray.init`` against a cluster, in a helper thread so that a head which accepts the
-        connection but never answers (Ray's client retries forever) cannot hang start-up."""
-        done: Dict[str, Any] = {}
-
-        def init():
-            try:
-                done["ctx"] = ray.init(**kwargs)
-            except BaseException as e:  # handed to the main thread
-                done["error"] = e
-
-        quiet = _DropMessage("SIGTERM handler is not set")  # installed below, in the main thread
-        logging.getLogger("ray._private.worker").addFilter(quiet)
-        t = threading.Thread(target=init, name="ray-init", daemon=True)
-        t.start()
-        t.join(timeout)
-        logging.getLogger("ray._private.worker").removeFilter(quiet)
-        if t.is_alive():
-            self.abandoned = True  # ray.init is stuck in Ray's own retry loop: main() exits without waiting for it
-            raise StartupError(f"the Ray cluster at {address} ({where}) did not answer within run.connect_timeout_s={timeout:g} s: "
-                               f"is the head up (`ray status --address {address}`), does this machine reach it (firewall, "
-                               f"GCS port), and with token auth on, is RAY_AUTH_TOKEN (or ~/.ray/auth_token) the head's?")
-        if "error" in done:
-            raise StartupError(f"cannot connect to the Ray cluster at {address} ({where}): {_first_line(done['error'])}") from None
-        # What ray.init does in the main thread: SIGTERM (`ray job stop`) exits through the
-        # interpreter, so close() runs.
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-        return done["ctx"]
-
-    def _demand(self) -> Dict[str, float]:
-        r = self.cfg.resources
-        G, N = (0 if self.cfg.run.mode == "offline" else r.num_generators), r.learner_ranks
-        E = 0 if self.cfg.eval_on_generator() else 1  # the eval actor, when there is one
-        need = {
-            "CPU": G * r.generator_cpus + N * r.learner_cpus + E * r.eval_cpus,
-            "GPU": G * r.generator_gpus + N * r.learner_gpus + E * r.eval_gpus,
-            "memory": 1e9 * (G * r.generator_memory_gb + N * r.learner_memory_gb + E * r.eval_memory_gb),
-        }
-        for count, custom in ((G, r.generator_resources), (N, r.learner_resources), (E, r.eval_resources)):
-            for k, v in custom.items():
-                need[k] = need.get(k, 0.0) + count * v
-        return need
-
-    def _check_resources(self) -> None:
-        have = ray.cluster_resources()
-        need = self._demand()
-        short = []
-        for k, v in need.items():
-            if v > have.get(k, 0.0) + 1e-9:
-                unit = " GB" if k == "memory" else ""
-                if k not in ("CPU", "GPU", "memory") and k not in have:
-                    short.append(f"{k}: requested {v:g}, no node has it (nodes get custom resources from `ray start --resources`)")
-                    continue
-                scale = 1e-9 if k == "memory" else 1.0
-                short.append(f"{k}: requested {v * scale:g}{unit}, cluster has {have.get(k, 0.0) * scale:g}{unit}")
-        if short:
-            r = self.cfg.resources
-            raise StartupError("not enough resources for the requested actors (" + "; ".join(short) + f"). Requested: "
-                               f"{r.num_generators} generator(s) x ({r.generator_cpus:g} CPU, {r.generator_gpus:g} GPU, "
-                               f"{r.generator_memory_gb:g} GB), {r.learner_ranks} learner rank(s) x ({r.learner_cpus:g} CPU, "
-                               f"{r.learner_gpus:g} GPU, {r.learner_memory_gb:g} GB)" + ("" if self.cfg.eval_on_generator() else
-                               f", eval ({r.eval_cpus:g} CPU, {r.eval_gpus:g} GPU, {r.eval_memory_gb:g} GB)") +
-                               "; lower the resources.* keys or add nodes")
+        where = startup.node_addresses(actors)
+        self._where.update({k: v for k, v in where.items() if v})
+        # One that is restarting says where it is when it is back.
+        log.info("placement: %s (driver on %s)", ", ".join(f"{k} on {v}" if v else f"{k} (not answering)" for k, v in where.items()),
+                 ray.util.get_node_ip_address())
 
     def _start_buffer(self) -> None:
         from agro_dist.buffer import ReplayBuffer
-        from agro_dist.buffer.client import connect
-        from agro_dist.buffer.server import RedisServer
+        from agro_dist.buffer.server import RedisWatch
 
-        b = self.cfg.buffer
-        if b.redis_url:
-            url = b.redis_url
-            try:
-                t = self.cfg.run.connect_timeout_s
-                with connect(url, socket_connect_timeout=t, socket_timeout=t, retry=None) as c:
-                    c.ping()
-            except Exception as e:
-                raise StartupError(f"Redis unreachable at {_redact(url)} (buffer.redis_url; {self.cfg.run.connect_timeout_s:g} s limit): {e}") from None
+        if self.cfg.buffer.redis_url:
+            self.buffer_url = startup.check_redis_url(self.cfg)
         else:
-            # On a cluster the actors on other nodes must reach it: bound to this node's cluster
-            # address (never 0.0.0.0), protected mode on, a password made for this run. The password
-            # travels in the URL given to the actors' constructors (not in logs, config.yaml, env
-            # vars or anything the dashboard shows). A private local Ray stays on 127.0.0.1.
-            node_ip = ray.util.get_node_ip_address()
-            cluster = not self.own_ray and node_ip not in ("127.0.0.1", "localhost", "::1")
-            try:
-                self.redis = RedisServer(os.path.join(self.run_dir, "redis"), port=b.redis_port or None, appendfsync=b.appendfsync,
-                                         host=node_ip if cluster else "127.0.0.1",
-                                         password=secrets.token_urlsafe(32) if cluster else None).start()
-            except Exception as e:
-                raise StartupError(f"cannot start the private Redis (buffer.redis_port={b.redis_port}): {e}") from None
-            url = self.redis.url
-            self._redis_watch = threading.Thread(target=self._watch_redis, name="redis-watch", daemon=True)
-            self._redis_watch.start()
-        self.buffer_url = url
-        # Frozen generators fall further behind every step: no staleness bound (it is recorded).
-        max_staleness = None if self.cfg.run.mode == "frozen" else self.cfg.run.max_staleness
-        self.buffer_options = dict(name=self.cfg.run.name, seed=self.cfg.run.seed, replay_prob=self.cfg.run.replay_prob,
-                                   max_staleness=max_staleness, history_max_groups=b.history_max_groups,
-                                   history_max_bytes=b.history_max_bytes, claim_idle_s=b.claim_idle_s,
-                                   timeout_s=self.cfg.run.step_timeout_s)
+            self.redis = startup.start_private_redis(self.cfg, self.run_dir, self.own_ray)
+            self.buffer_url = self.redis.url
+            self._redis_watch = RedisWatch(self.redis, max_restarts=REDIS_RESTARTS, log=log).start()
+        self.buffer_options = startup.buffer_options(self.cfg)
         # The driver's own handle: monitoring only (it never samples).
-        self.buffer = ReplayBuffer(url, consumer="driver", name=self.cfg.run.name)
+        self.buffer = ReplayBuffer(self.buffer_url, consumer="driver", name=self.cfg.run.name)
         if not self.cfg.run.resume:
             self.buffer.delete()
-            self.buffer = ReplayBuffer(url, consumer="driver", name=self.cfg.run.name)
+            self.buffer = ReplayBuffer(self.buffer_url, consumer="driver", name=self.cfg.run.name)
 
-    def _watch_redis(self) -> None:
-        """A thread: the private Redis, should it die (SIGKILL, the OOM killer), is started again
-        at once on the same address from its append-only file, which holds every write it
-        acknowledged (appendfsync decides only what a crash of the machine loses). The buffer's
-        clients retry a dropped connection for ~10 s (buffer/client.py), so the parts carry on."""
-        while not self._closing.wait(0.2):
-            if self.redis.alive():
-                continue
-            if self._closing.is_set():  # close() stopped it
-                return
-            code = self.redis.proc.returncode if self.redis.proc else None
-            self.redis_restarts += 1
-            if self.redis_restarts > REDIS_RESTARTS:
-                self._redis_error = f"the private Redis died {self.redis_restarts} times (exit code {code})"
-                return
-            log.warning("the private Redis died (exit code %s); starting it again from its append-only file (%d/%d)",
-                        code, self.redis_restarts, REDIS_RESTARTS)
-            t = time.perf_counter()
-            try:
-                self.redis.start()
-            except Exception as e:
-                self._redis_error = f"the private Redis died (exit code {code}) and could not be started again: {_first_line(e)}"
-                return
-            log.info("the private Redis is back in %.1f s (%s)", time.perf_counter() - t, os.path.join(self.redis.dir, "redis.log"))
-
-    def _check_redis(self) -> None:
-        if self._redis_error:
-            raise TrainingError(f"{self._redis_error}; what it acknowledged is in its append-only file in "
+    def check_redis(self) -> None:
+        """The private Redis given up by its watch (it kept dying, or cannot start): the run stops."""
+        if self._redis_watch is not None and self._redis_watch.error:
+            raise TrainingError(f"{self._redis_watch.error}; what it acknowledged is in its append-only file in "
                                 f"{os.path.join(self.run_dir, 'redis')}: continue with --run.resume true")
-
-    def _actor_options(self, kind: str, name: str) -> Dict[str, Any]:
-        r = self.cfg.resources
-        cpus, gpus, mem, custom = {"generator": (r.generator_cpus, r.generator_gpus, r.generator_memory_gb, r.generator_resources),
-                                   "learner": (r.learner_cpus, r.learner_gpus, r.learner_memory_gb, r.learner_resources),
-                                   "eval": (r.eval_cpus, r.eval_gpus, r.eval_memory_gb, r.eval_resources)}[kind]
-        # Ray gives an actor OMP_NUM_THREADS = its CPU request (1 here); on a small machine where
-        # the parts take turns (sync mode) each should use every core while it runs.
-        threads = r.threads or os.cpu_count() or 1
-        opts = dict(num_cpus=cpus, num_gpus=gpus, name=name, namespace="agro_dist",
-                    runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
-        if mem:
-            opts["memory"] = int(mem * 1e9)
-        if custom and kind != "learner":  # a learner rank gets its custom resources through its placement-group bundle
-            opts["resources"] = dict(custom)
-        return opts
-
-    def _actor_name(self, role: str) -> str:
-        return f"{self.cfg.run.name}-{role}"
-
-    def _start_generators(self) -> None:
-        from agro_dist.actors.generator import GeneratorActor
-
-        r = self.cfg.resources
-        self.generators = []
-        for i in range(r.num_generators):
-            opts = self._actor_options("generator", self._actor_name(f"generator-{i}"))
-            a = GeneratorActor.options(max_restarts=r.generator_max_restarts, max_task_retries=0, **opts).remote(
-                self.cfg.generator_config(i), buffer_url=self.buffer_url, buffer_options={"name": self.cfg.run.name})
-            self.generators.append(a)
-        self._wait_ready(self.generators, "generator")
-
-    def _start_evaluator(self) -> None:
-        from agro_dist.actors.generator import GeneratorActor
-
-        gc = self.cfg.eval_generator_config()
-        opts = self._actor_options("eval", self._actor_name("eval"))
-        self.evaluator = GeneratorActor.options(max_restarts=-1, max_task_retries=-1, **opts).remote(gc)
-        self._wait_ready([self.evaluator], "eval")
-
-    def _start_learner(self) -> None:
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from agro_dist.learner.actor import LearnerActor
-
-        r = self.cfg.resources
-        N = r.learner_ranks
-        bundle = {"CPU": r.learner_cpus, "GPU": r.learner_gpus, "memory": r.learner_memory_gb * 1e9, **r.learner_resources}
-        bundle = {k: v for k, v in bundle.items() if v}
-        self._pg = placement_group([bundle] * N, strategy=r.learner_placement) if bundle else None
-        master_addr, master_port = "127.0.0.1", None
-        if self._pg is not None:
-            wait_s = self.cfg.run.startup_timeout_s
-            if not self._pg.wait(timeout_seconds=wait_s):
-                raise StartupError(f"the learner's {N} rank(s) ({bundle} each) could not be placed within run.startup_timeout_s="
-                                   f"{wait_s:g} s: the cluster lacks these resources on its nodes (see `ray status`)")
-            # Rank 0's node hosts the torch.distributed rendezvous: ask a task placed there.
-            try:
-                master_addr, master_port = ray.get(_rendezvous.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self._pg, placement_group_bundle_index=0), num_cpus=0).remote(), timeout=max(self.cfg.run.connect_timeout_s, 60))
-            except ray.exceptions.GetTimeoutError:
-                raise StartupError("the learner's rendezvous (a task on rank 0's node) did not answer within "
-                                   f"{max(self.cfg.run.connect_timeout_s, 60):g} s: is that node alive (see `ray status`)?") from None
-        self.learners = []
-        for rank in range(N):
-            opts = self._actor_options("learner", self._actor_name(f"learner-{rank}"))
-            if self._pg is not None:
-                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank)
-            a = LearnerActor.options(max_restarts=0, **opts).remote(
-                self.cfg.learner_config(), rank=rank, world_size=N, master_addr=master_addr,
-                master_port=master_port if N > 1 else None, buffer_url=self.buffer_url, buffer_options=self.buffer_options)
-            self.learners.append(a)
-        self._wait_ready(self.learners, "learner")
-
-    def _wait_ready(self, actors, what: str) -> None:
-        wait_s = self.cfg.run.startup_timeout_s
-        try:
-            ray.get([a.get_version.remote() if what != "learner" else a.version.remote() for a in actors], timeout=wait_s)
-        except ray.exceptions.GetTimeoutError:
-            raise StartupError(f"{what} actor(s) not ready within run.startup_timeout_s={wait_s:g} s: resources pending (see "
-                               "`ray status` and the dashboard's Actors page), or a model load or rendezvous that hangs") from None
-        except Exception as e:
-            raise StartupError(f"{what} actor failed to start: {_first_line(e)}") from None
 
     def _restore(self) -> Optional[Dict[str, Any]]:
         """Learner ranks from the latest checkpoint, counters from its meta (the initial weights and
@@ -534,7 +281,7 @@ class Driver:
             return None
         return gen.update_weights.remote(*self._weights())
 
-    def _learner_step(self, p: Optional[float]) -> List[Any]:
+    def learner_step(self, p: Optional[float]) -> List[Any]:
         return [a.step_from_buffer.remote(p=p) for a in self.learners]
 
     def _offline_batch(self) -> List[Any]:
@@ -554,7 +301,7 @@ class Driver:
             self._consumed += 1
         return out
 
-    def _offline_step(self) -> Tuple[List[Any], int]:
+    def offline_step(self) -> Tuple[List[Any], int]:
         """Offline: the learner ranks train on the next batch of the file (each its share); returns
         the step refs and the completions in the batch."""
         batch = self._offline_batch()
@@ -600,7 +347,7 @@ class Driver:
         try:
             ms = self._gather(refs, self.cfg.run.step_timeout_s + 60, "a learner step (run.step_timeout_s)")
         except ray.exceptions.RayTaskError as e:
-            self._check_redis()
+            self.check_redis()
             if "BufferTimeout" in str(e):
                 raise TrainingError(f"no data reached the learner within run.step_timeout_s={self.cfg.run.step_timeout_s:g} s: "
                                     f"are the generators alive? ({_first_line(e)})") from None
@@ -621,13 +368,8 @@ class Driver:
         who = "" if rank is None else f" rank {rank} (on {self._where.get(f'learner-{rank}', 'an unknown node')})"
         log.warning("learner%s failed (%s)%s; rebuilding it from the latest checkpoint (%d/%d)", who, _first_line(err),
                     self._dead_nodes(), self.learner_restarts, self.cfg.run.learner_restarts)
-        for a in self.learners:
-            ray.kill(a, no_restart=True)
-        if self._pg is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            remove_placement_group(self._pg)
-        self._start_learner()
+        startup.remove_learner(self.learners, self._pg)
+        self.learners, self._pg = startup.start_learner(self.cfg, self.buffer_url, self.buffer_options)
         if self._restore() is None:
             log.warning("no checkpoint yet: the learner restarted from the initial weights")
         self._log_placement()
@@ -679,7 +421,7 @@ class Driver:
             log.warning("could not upload the run's files to %s: %s (they stay in %s)", display(self.home), e, self.run_dir)
             return False
 
-    def _eval_submit(self):
+    def eval_submit(self):
         """Start a held-out evaluation of the current weights: (step, samples, its ObjectRef).
 
         Generator 0 evaluates (``Config.eval_on_generator``: sync and async runs by default) with
@@ -699,7 +441,7 @@ class Driver:
             self.evaluator.update_weights.remote(*self._weights())
         return (self.step, self.samples, self.evaluator.evaluate.remote(c.eval_size or None, samples=c.eval_samples))
 
-    def _eval_collect(self, pending, elapsed: float, *, wait: bool, retry: Optional[bool] = None) -> Optional[Dict[str, float]]:
+    def eval_collect(self, pending, elapsed: float, *, wait: bool, retry: Optional[bool] = None) -> Optional[Dict[str, float]]:
         """The evaluation's row (None while it runs, without ``wait``). An evaluation lost with its
         generator is said in the log and skipped (an empty dict); one that must exist (``retry``,
         default ``wait``: before and after) runs again once the generator is back (Ray restarts it:
@@ -730,7 +472,7 @@ class Driver:
                     sent = self._send_weights(self.generators[0])
                     if sent is not None:
                         ray.get(sent)
-                pending = (step, samples, self._eval_submit()[2])
+                pending = (step, samples, self.eval_submit()[2])
             except _ray_errors():
                 pass  # still restarting: the next round submits again
         row = dict(step=step, samples=samples, elapsed_s=elapsed, **res)
@@ -758,13 +500,13 @@ class Driver:
         """A generator's call raised (its actor lives on): a passing fault (the buffer's Redis
         restarting, say) is logged and the call made again; a generator that keeps raising stops
         the run. The groups it had put are in the buffer either way."""
-        self._check_redis()
+        self.check_redis()
         self._gen_errors[i] = self._gen_errors.get(i, 0) + 1
         if self._gen_errors[i] > GENERATOR_ERRORS_IN_A_ROW:
             raise TrainingError(f"generator {i} raised in {self._gen_errors[i]} calls in a row; last: {_first_line(err)}") from None
         log.warning("generator %d's call raised (%s); calling it again (%d in a row)", i, _first_line(err), self._gen_errors[i])
 
-    def _gen_outcome(self, i: int, ref) -> None:
+    def gen_outcome(self, i: int, ref) -> None:
         """The result of generator i's call ``ref``: its counters, or its failure handled."""
         try:
             self._gen_result(i, ray.get(ref))
@@ -827,7 +569,7 @@ class Driver:
             return dict(fresh_backlog=0, history_groups=0, stale_skipped=0, put_groups=0, staleness_hist={}, served_replay=0)
         return self.buffer.stats()
 
-    def _done(self, elapsed: float) -> bool:
+    def done(self, elapsed: float) -> bool:
         r = self.cfg.run
         return bool((r.steps and self.step >= r.steps) or (r.max_samples and self.samples >= r.max_samples)
                     or (r.max_minutes and elapsed >= 60 * r.max_minutes)
@@ -847,120 +589,99 @@ class Driver:
         f = max(fr) if fr else 0
         return elapsed * (1 - f) / f if f > 0 else None
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the run
 
     def train(self) -> Dict[str, Any]:
-        cfg = self.cfg
-        r = cfg.run
         t0 = time.perf_counter() - self.elapsed_before
         elapsed = lambda: time.perf_counter() - t0  # noqa: E731
         # "Before": the policy as it starts (the initial model, or the resumed checkpoint).
-        before = self._eval_collect(self._eval_submit(), elapsed(), wait=True)
-        pending_eval = None
-        # Sync mode with generator 0 evaluating: an evaluation due after step k starts once step
-        # k+1's groups are made, so it runs while the learner trains instead of delaying them.
-        eval_due = False
-        defer_eval = r.mode == "sync" and self.evaluator is None
-        per_step = cfg.learner.batch_groups
-        n_completions = per_step * cfg.generator.n
-        max_backlog = r.max_backlog_groups or 2 * per_step
-        gen_refs: Dict[Any, int] = {}  # in-flight produce call -> generator index
-        if r.mode in ("async", "frozen"):
-            for i, g in enumerate(self.generators):
-                gen_refs[g.produce.remote(1)] = i
-        errors = _ray_errors()
+        before = self.eval_collect(self.eval_submit(), elapsed(), wait=True)
+        loop = loops.make(self)
         # Until the budget is spent and the final weights are published and checkpointed (the
         # learner can die doing that too: then it is rebuilt and training goes on).
         while True:
-            while not self._done(elapsed()):
-                sync_s = 0.0
-                step_completions = n_completions
-                if r.mode == "sync":
-                    self._produce_step(per_step)  # this step's groups, all with the current version
-                    step_refs = self._learner_step(0.0)
-                    if eval_due:
-                        pending_eval, eval_due = self._eval_submit(), False
-                elif r.mode == "offline":
-                    step_refs, step_completions = self._offline_step()
-                else:
-                    step_refs = self._learner_step(None)
-                # Async: keep generators busy while the learner trains.
-                while True:
-                    waiting = list(gen_refs) + step_refs
-                    ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
-                    self._check_redis()
-                    if set(step_refs) & set(ready) and _step_over(step_refs):
-                        break
-                    for ref in ready:
-                        if ref in gen_refs:
-                            self._gen_outcome(gen_refs.pop(ref), ref)
-                    if r.mode in ("async", "frozen"):
-                        self._refill(gen_refs, max_backlog)
-                # The learner can die anywhere in here (its step, publishing, checkpointing): rebuild it
-                # from the latest checkpoint and go on from that step.
-                try:
-                    m = self._collect_step(step_refs)
-                    if m.get("skipped"):
-                        log.warning("step skipped by the learner (non-finite loss or gradients); not counted")
-                    else:
-                        self.step += 1
-                        self.samples += step_completions
-                    # Generators follow the learner in sync and async mode (frozen ones never do; offline has none).
-                    if r.mode == "sync" or (r.mode == "async" and self.step % r.sync_every == 0):
-                        sync_s = self._broadcast(wait=r.mode == "sync")
-                    row, new_stale = self._row(m, elapsed(), sync_s)
-                    self.monitor.train(row, new_stale)
-                    if r.checkpoint_every and self.step % r.checkpoint_every == 0:
-                        self._checkpoint(elapsed())
-                except errors as e:
-                    self._recover_learner(e)
-                    continue
-                if pending_eval is not None and self._eval_collect(pending_eval, elapsed(), wait=False) is not None:
-                    pending_eval = None
-                if r.eval_every and self.step % r.eval_every == 0 and pending_eval is None and not self._done(elapsed()):
-                    if defer_eval:
-                        eval_due = True
-                    else:
-                        pending_eval = self._eval_submit()
-                log.info(progress_line(row, steps=r.steps, last_eval=self.evals[-1] if self.evals else None, eta_s=self._eta(elapsed())))
+            loop.run(elapsed)
             try:
                 if self.published_version != int(ray.get(self.learners[0].version.remote())):
                     self._publish()
                 self._checkpoint(elapsed())
                 break
-            except errors as e:
+            except _ray_errors() as e:
                 self._recover_learner(e)
-        if pending_eval is not None:
-            self._eval_collect(pending_eval, elapsed(), wait=True, retry=False)
-        after = self._eval_collect(self._eval_submit(), elapsed(), wait=True)
+        if loop.pending_eval is not None:
+            self.eval_collect(loop.pending_eval, elapsed(), wait=True, retry=False)
+        after = self.eval_collect(self.eval_submit(), elapsed(), wait=True)
         try:  # the final model's card gets the final held-out accuracy, measured after it was written
             ray.get(self.learners[0].update_model_card.remote(self.ckpt_dir, self._card()), timeout=120)
         except Exception as e:
             log.warning("could not write the final accuracy into the model card: %s", _first_line(e))
-        for ref in gen_refs:  # let in-flight generation finish: its groups are in the buffer for a resumed run
-            try:
-                ray.get(ref, timeout=120)
-            except Exception:
-                pass
+        loop.drain()
         return dict(before=before, after=after, elapsed_s=elapsed(), steps=self.step, samples=self.samples,
                     buffer=self._buffer_stats(), epochs=self.epochs_done if self.data else None, generator_restarts=self.gen_restarts,
-                    learner_restarts=self.learner_restarts, redis_restarts=self.redis_restarts)
+                    learner_restarts=self.learner_restarts, redis_restarts=self._redis_watch.restarts if self._redis_watch else 0)
 
-    def _produce_step(self, per_step: int) -> None:
+    # ------------------------------------------------------------------ a step (agro_dist/loops.py calls these)
+
+    def step_over(self, step_refs, timeout: float = 0.0) -> bool:
+        """Every rank's step has returned, or one has failed (its peers may wait in a collective
+        for ever: _collect_step sorts out which failure it is). Waits up to ``timeout``."""
+        if timeout:
+            ray.wait(step_refs, num_returns=len(step_refs), timeout=timeout)
+        self.check_redis()
+        done = ray.wait(step_refs, num_returns=len(step_refs), timeout=0)[0]
+        if len(done) == len(step_refs):
+            return True
+        for ref in done:
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:
+                return True
+        return False
+
+    def finish_step(self, step_refs, completions: int, elapsed) -> Optional[Dict[str, Any]]:
+        """The learner's step collected and counted, the weights broadcast when due, the row
+        written, a checkpoint when due: the row. The learner can die anywhere in here (its step,
+        publishing, checkpointing): it is rebuilt from the latest checkpoint and None returned (the
+        loop goes on from that step)."""
+        r = self.cfg.run
+        sync_s = 0.0
+        try:
+            m = self._collect_step(step_refs)
+            if m.get("skipped"):
+                log.warning("step skipped by the learner (non-finite loss or gradients); not counted")
+            else:
+                self.step += 1
+                self.samples += completions
+            # Generators follow the learner in sync and async mode (frozen ones never do; offline has none).
+            if r.mode == "sync" or (r.mode == "async" and self.step % r.sync_every == 0):
+                sync_s = self._broadcast(wait=r.mode == "sync")
+            row, new_stale = self._row(m, elapsed(), sync_s)
+            self.monitor.train(row, new_stale)
+            if r.checkpoint_every and self.step % r.checkpoint_every == 0:
+                self._checkpoint(elapsed())
+        except _ray_errors() as e:
+            self._recover_learner(e)
+            return None
+        return row
+
+    def log_progress(self, row: Dict[str, Any], elapsed: float) -> None:
+        log.info(progress_line(row, steps=self.cfg.run.steps, last_eval=self.evals[-1] if self.evals else None, eta_s=self._eta(elapsed)))
+
+    def produce_step(self, per_step: int) -> None:
         """Sync mode: the generators make exactly one step's groups with the current weights."""
         ppc, G = self.cfg.generator.prompts_per_call, len(self.generators)
         refs = {g.produce.remote(per_step // (G * ppc)): i for i, g in enumerate(self.generators)}
         while refs:
             for ref, i in list(refs.items()):
                 del refs[ref]
-                self._gen_outcome(i, ref)
+                self.gen_outcome(i, ref)
             # A generator that died mid-call put some of its groups (or none): top up, one call
             # per generator at a time, until the step's batch is complete.
             missing = per_step - self.buffer.stats()["fresh_backlog"]
             if missing > 0:
                 refs = {g.produce.remote(1): i for i, g in enumerate(self.generators) if i < -(-missing // ppc)}
 
-    def _refill(self, gen_refs: Dict[Any, int], max_backlog: int) -> None:
+    def refill(self, gen_refs: Dict[Any, int], max_backlog: int) -> None:
         busy = set(gen_refs.values())
         idle = [i for i in range(len(self.generators)) if i not in busy]
         if not idle:
@@ -975,9 +696,8 @@ class Driver:
     # ------------------------------------------------------------------ shutdown
 
     def close(self) -> None:
-        self._closing.set()
-        if self._redis_watch is not None:
-            self._redis_watch.join(timeout=30)
+        if self._redis_watch is not None:  # before the server stops: it is not started again
+            self._redis_watch.stop()
         for a in self.generators + self.learners + ([self.evaluator] if self.evaluator else []):
             try:
                 ray.kill(a, no_restart=True)
@@ -1001,62 +721,6 @@ class Driver:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-class _DropMessage(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
-def _probe_ray(address: str, where: str, timeout: float) -> None:
-    """Fail fast when nothing listens at the cluster's address: a TCP connect to the GCS (or the
-    Ray Client server of a ``ray://`` address) within ``timeout``. ``auto`` is resolved as Ray
-    does (``RAY_ADDRESS``, then the ``ray_current_cluster`` file)."""
-    from ray._private.services import get_ray_address_from_environment
-
-    target = address
-    if address == "auto":
-        try:
-            target = get_ray_address_from_environment("auto", None)
-        except ConnectionError as e:
-            raise StartupError(f"{where}=auto: {e}") from None
-    hostport = target.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = hostport.rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
-            pass
-    except ValueError:
-        raise StartupError(f"{where}={address!r}: expected host:port, ray://host:port or auto") from None
-    except OSError as e:
-        why = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
-        raise StartupError(f"the Ray cluster at {address} ({where}) does not answer ({why}, {timeout:g} s limit): is the head up "
-                           f"(`ray status --address {address}`), is the address right, does a firewall block its GCS port?") from None
-
-
-def _step_over(step_refs) -> bool:
-    """Every rank's step has returned, or one has failed (its peers may wait in a collective for
-    ever: _collect_step sorts out which failure it is)."""
-    done = ray.wait(step_refs, num_returns=len(step_refs), timeout=0)[0]
-    if len(done) == len(step_refs):
-        return True
-    for ref in done:
-        try:
-            ray.get(ref, timeout=0)
-        except Exception:
-            return True
-    return False
-
-
-@ray.remote
-def _rendezvous():
-    """(IP, free port) of the node this runs on: where learner rank 0's rendezvous listens."""
-    from agro_dist.buffer.server import free_port
-
-    return ray.util.get_node_ip_address(), free_port("")
-
-
 def _latest_hf(ckpt_dir: str) -> str:
     """The Hugging Face folder of the newest checkpoint (``latest`` holds its name)."""
     try:
@@ -1066,22 +730,6 @@ def _latest_hf(ckpt_dir: str) -> str:
         return display(join(ckpt_dir, name, "hf"))
     except OSError:
         return "(no checkpoint)"
-
-
-def _redact(url: str) -> str:
-    """A Redis URL fit for a log: the password replaced by ***."""
-    import re
-
-    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", re.sub(r"password=[^&]*", "password=***", url))
-
-
-def _first_line(e: BaseException) -> str:
-    """The informative end of an exception's text (Ray wraps the actor's traceback)."""
-    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
-    for i in range(len(lines) - 1, -1, -1):  # the last line naming an exception type, plus what follows
-        if "Error" in lines[i].split(":")[0] or "Exception" in lines[i].split(":")[0]:
-            return " ".join(lines[i:])[:600]
-    return (lines[-1] if lines else type(e).__name__)[:600]
 
 
 def load_offline(cfg: Config) -> List[Any]:

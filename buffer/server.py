@@ -10,12 +10,14 @@ interpreter exit.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from typing import Optional
 
@@ -204,6 +206,52 @@ class RedisServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class RedisWatch:
+    """A thread that starts a :class:`RedisServer` again, on the same address from its
+    append-only file, whenever it dies (SIGKILL, the OOM killer), up to ``max_restarts`` times.
+    The AOF holds every write the server acknowledged (``appendfsync`` decides only what a crash
+    of the machine loses); clients made by ``buffer.client.connect`` retry a dropped connection
+    for ~10 s, so they carry on. ``error`` says why it gave up (None while it watches)."""
+
+    def __init__(self, server: "RedisServer", max_restarts: int = 5, period_s: float = 0.2,
+                 log: Optional[logging.Logger] = None):
+        self.server, self.max_restarts, self.period_s = server, max_restarts, period_s
+        self.log = log or logging.getLogger(__name__)
+        self.restarts = 0
+        self.error: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="redis-watch", daemon=True)
+
+    def start(self) -> "RedisWatch":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching (before stopping the server, so it is not started again)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            if self.server.alive() or self._stop.is_set():
+                continue
+            code = self.server.proc.returncode if self.server.proc else None
+            self.restarts += 1
+            if self.restarts > self.max_restarts:
+                self.error = f"the private Redis died {self.restarts} times (exit code {code})"
+                return
+            self.log.warning("the private Redis died (exit code %s); starting it again from its append-only file (%d/%d)",
+                             code, self.restarts, self.max_restarts)
+            t = time.monotonic()
+            try:
+                self.server.start()
+            except Exception as e:
+                self.error = f"the private Redis died (exit code {code}) and could not be started again: {e}"
+                return
+            self.log.info("the private Redis is back in %.1f s (%s)", time.monotonic() - t, os.path.join(self.server.dir, "redis.log"))
 
 
 def _die_with_parent() -> None:

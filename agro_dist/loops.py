@@ -1,0 +1,107 @@
+"""The two training loops: how the learner is fed, step by step, until the run's budget is spent.
+
+- :class:`SyncLoop` (``run.mode: sync``): per step the generators make exactly this step's groups
+  with the current weights, the learner trains on them (p = 0, staleness 0), and every generator
+  loads the new weights before the next step. On-policy, step for step.
+- :class:`AsyncLoop` (``async``, ``frozen``, ``offline``): each generator keeps one ``produce``
+  call in flight (paused while the buffer holds ``max_backlog_groups`` fresh groups) while the
+  learner trains whenever it has a batch; offline runs have no generators and feed the learner
+  the logged file's groups.
+
+A loop holds only what lives across its steps (calls in flight, an evaluation running); the
+driver (``agro_dist/driver.py``) does the work of a step: ``finish_step`` collects the learner's
+answer, counts, broadcasts, writes the row and checkpoints, and rebuilds a learner that failed
+(it returns None then, and the loop goes on from the restored step). ``run`` returns once the
+budget is spent; the driver calls it again if the learner fails in the final checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Union
+
+import ray
+
+
+class SyncLoop:
+    def __init__(self, d):
+        self.d = d
+        self.pending_eval = None  # (step, samples, ref) of an evaluation running
+        # With generator 0 evaluating, an evaluation due after step k starts once step k+1's
+        # groups are made, so it runs while the learner trains instead of delaying them.
+        self.defer_eval = d.evaluator is None
+        self.eval_due = False
+
+    def run(self, elapsed: Callable[[], float]) -> None:
+        d = self.d
+        per_step = d.cfg.learner.batch_groups
+        while not d.done(elapsed()):
+            d.produce_step(per_step)  # this step's groups, all with the current version
+            step_refs = d.learner_step(0.0)
+            if self.eval_due:
+                self.pending_eval, self.eval_due = d.eval_submit(), False
+            while not d.step_over(step_refs, timeout=1.0):
+                pass
+            row = d.finish_step(step_refs, per_step * d.cfg.generator.n, elapsed)
+            if row is not None:
+                after_step(self, row, elapsed)
+
+    def drain(self) -> None:
+        pass
+
+
+class AsyncLoop:
+    def __init__(self, d):
+        self.d = d
+        self.pending_eval = None
+        self.defer_eval, self.eval_due = False, False
+        self.gen_refs: Dict[Any, int] = {}  # in-flight produce call -> generator index
+        for i, g in enumerate(d.generators):
+            self.gen_refs[g.produce.remote(1)] = i
+        self.max_backlog = d.cfg.run.max_backlog_groups or 2 * d.cfg.learner.batch_groups
+
+    def run(self, elapsed: Callable[[], float]) -> None:
+        d = self.d
+        while not d.done(elapsed()):
+            if d.cfg.run.mode == "offline":
+                step_refs, completions = d.offline_step()
+            else:
+                step_refs, completions = d.learner_step(None), d.cfg.learner.batch_groups * d.cfg.generator.n
+            # Keep the generators busy while the learner trains.
+            while True:
+                ready, _ = ray.wait(list(self.gen_refs) + step_refs, num_returns=1, timeout=1.0)
+                if set(step_refs) & set(ready) and d.step_over(step_refs):
+                    break
+                d.check_redis()
+                for ref in ready:
+                    if ref in self.gen_refs:
+                        d.gen_outcome(self.gen_refs.pop(ref), ref)
+                if d.generators:
+                    d.refill(self.gen_refs, self.max_backlog)
+            row = d.finish_step(step_refs, completions, elapsed)
+            if row is not None:
+                after_step(self, row, elapsed)
+
+    def drain(self) -> None:
+        """Let in-flight generation finish: its groups are in the buffer for a resumed run."""
+        for ref in self.gen_refs:
+            try:
+                ray.get(ref, timeout=120)
+            except Exception:
+                pass
+
+
+def after_step(loop, row: Dict[str, Any], elapsed: Callable[[], float]) -> None:
+    """Evaluations (a finished one recorded, a due one started) and the step's progress line."""
+    d, r = loop.d, loop.d.cfg.run
+    if loop.pending_eval is not None and d.eval_collect(loop.pending_eval, elapsed(), wait=False) is not None:
+        loop.pending_eval = None
+    if r.eval_every and d.step % r.eval_every == 0 and loop.pending_eval is None and not d.done(elapsed()):
+        if loop.defer_eval:
+            loop.eval_due = True
+        else:
+            loop.pending_eval = d.eval_submit()
+    d.log_progress(row, elapsed())
+
+
+def make(d) -> Union[SyncLoop, AsyncLoop]:
+    return SyncLoop(d) if d.cfg.run.mode == "sync" else AsyncLoop(d)
