@@ -529,12 +529,11 @@ class Driver:
 
     def _gen_back(self, i: int) -> None:
         self._gen_down.discard(i)
-        try:
-            self._where[f"generator-{i}"] = ray.get(self.generators[i].__ray_call__.remote(lambda _self: ray.util.get_node_ip_address()),
-                                                    timeout=30)
-        except Exception:  # informative only
-            pass
-        log.info("generator %d is back, on %s", i, self._where.get(f"generator-{i}", "(its node did not say)"))
+        name = f"generator-{i}"
+        where = startup.node_addresses([(name, self.generators[i])], timeout_s=30)[name]
+        if where:
+            self._where[name] = where
+        log.info("generator %d is back, on %s", i, where or "(its node did not say)")
 
     def _row(self, m: Dict[str, float], elapsed: float, sync_s: float) -> Tuple[Dict[str, float], Dict[int, int]]:
         """The step's train.csv row, and the groups trained since the last row by staleness."""
