@@ -54,7 +54,8 @@ def head(tmp_path_factory):
     env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     log = open(tmp / "head.log", "w")
     proc = subprocess.Popen([f"{BIN}/ray", "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", f"--metrics-export-port={metrics}", "--num-cpus=2", "--disable-usage-stats",
+                             f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
+                             f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=2", "--disable-usage-stats",
                              f"--temp-dir={tmp}"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     info = dict(address=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dash}", metrics=f"http://127.0.0.1:{metrics}/metrics", env=env)
     try:
@@ -544,18 +545,81 @@ def test_jobs_keep_the_run_on_s3_and_one_killed_mid_checkpoint_resumes_from_the_
     AutoModelForCausalLM.from_pretrained(str(local / "hf"))
 
 
+def _sweep(head, *args, timeout=900):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "deploy", "sweep.py"), *args], env=dict(head["env"], RAY_ADDRESS=head["address"]),
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
 def test_replay_ratio_sweep_submits_one_job_per_p_and_tabulates(head, tiny_vllm_model, tmp_path):
-    # deploy/sweep.py as a user runs it: one `ray job submit` per p, one after the other, a table at the end.
+    # deploy/sweep.py as a user runs it on a cluster: one `ray job submit` per p, one after the other, a table at the end.
     args = _args(tiny_vllm_model, tmp_path, "unused", "--run.steps", "3", "--run.eval_every", "0", "--run.plots", "false")
     env_file = tmp_path / "runtime_env.yaml"  # the test's reward function lives in tests/
     env_file.write_text(json.dumps({"env_vars": {"PYTHONPATH": TESTS}}))
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "deploy", "sweep.py"), "--address", head["dashboard"], "--p", "0", "0.5",
-                        "--name", "sw", "--working-dir", ROOT, "--runtime-env", str(env_file), "--python", sys.executable,
-                        "--out", str(tmp_path / "sweep"), "--", *args], env=head["env"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    out = tmp_path / "sweep"
+    p = _sweep(head, "--address", head["dashboard"], "--p", "0", "0.5", "--name", "sw", "--working-dir", ROOT, "--runtime-env", str(env_file),
+               "--python", sys.executable, "--storage-path", str(tmp_path / "runs"), "--out", str(out), "--", *args)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    rows = _rows(tmp_path / "sweep.csv")
-    assert [(float(r["p"]), r["status"]) for r in rows] == [(0.0, "SUCCEEDED"), (0.5, "SUCCEEDED")]
+    rows = _rows(out / "results.csv")
+    assert [(r["run"], r["status"]) for r in rows] == [("sw-replay_prob0-s0", "done"), ("sw-replay_prob0.5-s0", "done")]
     assert all(int(r["steps"]) == 3 and int(r["samples"]) == 3 * 4 * 2 for r in rows)
     # p = 0 never replays; p = 0.5 replays some of the 8 slots of steps 2-3 (P(none) = 2^-8 with a history).
-    assert int(rows[0]["replayed_groups"] or 0) == 0 and int(rows[1]["replayed_groups"]) > 0
-    assert "sampled acc before -> after" in p.stdout
+    assert float(rows[0]["replay_fraction"]) == 0 and float(rows[1]["replay_fraction"]) > 0
+    for r in rows:  # the run's small files, collected from the storage
+        got = out / "runs" / r["run"]
+        assert len(_rows(got / "train.csv")) == 3 and json.loads((got / "summary.json").read_text())["steps"] == 3
+    assert "| replay_prob=0.5 | 1/1 |" in (out / "table.md").read_text() and "| replay_prob=0.5 | 1/1 |" in p.stdout
+
+
+def test_a_local_grid_sweep_tabulates_mean_and_se_and_runs_again_only_what_is_missing(head, tiny_vllm_model, tmp_path):
+    # A 2-run grid (two losses, one seed) run here one at a time (`--local`: python -m agro_dist, joining RAY_ADDRESS),
+    # then the same sweep again: nothing is run; a run whose copy is missing is collected from the storage.
+    args = _args(tiny_vllm_model, tmp_path, "unused", "--run.steps", "2", "--run.eval_every", "0", "--run.plots", "false")
+    out, store = tmp_path / "grid", tmp_path / "runs"
+    sweep = ["--local", "--name", "g", "--grid", "learner.loss", "rloo", "agro_off", "--seeds", "3", "--storage-path", str(store),
+             "--out", str(out), "--", *args]
+    p = _sweep(head, *sweep)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = _rows(out / "results.csv")
+    assert [(r["run"], r["point"], r["seed"], r["status"]) for r in rows] == [("g-lossrloo-s3", "loss=rloo", "3", "done"),
+                                                                              ("g-lossagro_off-s3", "loss=agro_off", "3", "done")]
+    for r in rows:  # each run had its grid value and seed, and an evaluation before and after
+        cfg = (out / "runs" / r["run"] / "config.yaml").read_text()
+        assert f"loss: {r['point'].split('=')[1]}" in cfg and "seed: 3" in cfg
+        ev = _rows(out / "runs" / r["run"] / "eval.csv")
+        assert [int(e["step"]) for e in ev] == [0, 2] and float(r["sampled_final"]) == float(ev[-1]["sampled_accuracy"])
+    summary = _rows(out / "summary.csv")
+    assert [(s["point"], s["seeds"], s["sampled_final_se"]) for s in summary] == [("loss=rloo", "1", ""), ("loss=agro_off", "1", "")]
+    assert (out / "curves.png").stat().st_size > 10000
+    shutil.rmtree(out / "runs" / "g-lossrloo-s3")
+    p = _sweep(head, *sweep, timeout=120)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "g-lossrloo-s3: finished earlier, collected" in p.stdout and "2 done, 0 to run" in p.stdout
+    assert "[1/" not in p.stdout  # no run started
+    assert _rows(out / "results.csv") == rows
+    p = _sweep(head, "--report", *sweep, timeout=120)
+    assert p.returncode == 0 and "| loss=agro_off | 1/1 |" in p.stdout
+
+
+def test_sweep_states_and_mean_se(tmp_path):
+    # What the sweep does with each run it finds in the storage, and its statistics.
+    sys.path.insert(0, os.path.join(ROOT, "deploy"))
+    try:
+        import sweep
+    finally:
+        sys.path.pop(0)
+    store = tmp_path / "runs"
+    assert sweep.state("a", str(store)) == "new"
+    (store / "a").mkdir(parents=True)
+    (store / "a" / "config.yaml").write_text("model: x\n")
+    assert sweep.state("a", str(store)) == "incomplete"  # stopped before a checkpoint: left alone unless --redo-incomplete
+    (store / "a" / "checkpoints").mkdir()
+    (store / "a" / "checkpoints" / "latest").write_text("step_00000010")
+    assert sweep.state("a", str(store)) == "resumable"
+    (store / "a" / "summary.json").write_text("{}")
+    assert sweep.state("a", str(store)) == "finished"
+    m, se = sweep.mean_se([0.2, 0.4, 0.9])
+    assert m == pytest.approx(0.5) and se == pytest.approx(0.2081666, rel=1e-6)  # s.d. 0.3606 (n - 1) / sqrt(3)
+    assert sweep.mean_se([0.3]) == (0.3, None) and sweep.mean_se([None]) == (None, None)
+    runs = sweep.grid_runs("x", [["learner.loss", "rloo", "agro_on"], ["learner.beta", "0.05", "0.2"]], [0, 1])
+    assert len(runs) == 8 and runs[0]["run"] == "x-lossrloo-beta0.05-s0" and runs[0]["point"] == {"learner.loss": "rloo", "learner.beta": 0.05}
+    assert runs[-1]["args"] == ["--learner.loss", "agro_on", "--learner.beta", "0.2", "--run.seed", "1"]
