@@ -270,10 +270,63 @@ def _return_freed_memory() -> None:
             pass
 
 
+SCRATCH_PREFIX = "agro_dist-gen-"
+
+
+def own_tmpdir() -> str:
+    """Make this process's temporary folder ``<tmp>/agro_dist-gen-<pid>`` (``TMPDIR`` and
+    ``tempfile.tempdir``) after removing those of generator processes no longer alive.
+
+    Why: vLLM leaves a rendezvous file (``vllm_dist_<uuid>``, the FileStore of its world of one)
+    in the temporary folder for every engine it starts, and multiprocessing its ``pymp-*``
+    folders; they go only when the process exits cleanly, and generator actors are killed. The
+    file cannot be removed while the process lives (torch.distributed groups made later in the
+    process wait on it), so a generator's leftovers go when the next one starts, or when the
+    driver ends (``remove_dead_tmpdirs``)."""
+    import tempfile
+
+    base = tempfile.gettempdir()
+    remove_dead_tmpdirs(base)
+    d = os.path.join(base, f"{SCRATCH_PREFIX}{os.getpid()}")
+    os.makedirs(d, exist_ok=True)
+    os.environ["TMPDIR"] = d
+    tempfile.tempdir = d
+    return d
+
+
+def remove_dead_tmpdirs(base: Optional[str] = None) -> int:
+    """Remove the temporary folders of generator processes that no longer exist; how many."""
+    import shutil
+    import tempfile
+
+    base = base or tempfile.gettempdir()
+    removed = 0
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return 0
+    for name in names:
+        pid = name[len(SCRATCH_PREFIX):]
+        if not (name.startswith(SCRATCH_PREFIX) and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or a zombie not yet reaped): keep
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # alive, another user's
+            continue
+        shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        removed += 1
+    return removed
+
+
 class GeneratorWorker(Generator):
-    """The Ray actor's body: a Generator that can also put its groups into the replay buffer."""
+    """The Ray actor's body: a Generator that can also put its groups into the replay buffer.
+    Its temporary files go to a folder of its own (``own_tmpdir``), removed once it is gone."""
 
     def __init__(self, cfg, *, buffer_url: Optional[str] = None, buffer_options: Optional[Dict[str, Any]] = None):
+        self.tmpdir = own_tmpdir()  # before the engine starts: vLLM names its rendezvous file then
         super().__init__(cfg)
         self.buffer = None
         if buffer_url:
@@ -291,6 +344,9 @@ class GeneratorWorker(Generator):
 
     def get_version(self) -> int:
         return self.version
+
+    def get_tmpdir(self) -> str:
+        return self.tmpdir
 
 
 def _ray_actor():

@@ -710,6 +710,10 @@ class Driver:
             self.redis.stop()
         if self.own_ray and ray.is_initialized() and not self.abandoned:
             ray.shutdown()
+        if self.generators or self.evaluator:  # this node's killed generators' temporary folders (vLLM's files)
+            from agro_dist.actors.generator import remove_dead_tmpdirs
+
+            remove_dead_tmpdirs()
         uploaded = False
         if self.remote and self._log_file is not None:
             uploaded = self.sync_outputs()  # the final upload: tables, plots, summary, the log's last lines (a failure's traceback), Redis's files

@@ -4,6 +4,7 @@ transformers forward, weight updates, evaluation, and the Ray actor feeding the 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import ray
@@ -132,7 +133,19 @@ def test_generator_actor_puts_groups_into_the_buffer_and_takes_weights_from_the_
         assert [g.policy_version for g in b.groups] == [0, 0, 0, 0, 3, 3]
         assert all(g.generator_id == "gen-ray" and g.n == 2 for g in b.groups)
         buf.delete()
+    # Its temporary files (vLLM's rendezvous file) are in a folder of its own, removed once it is gone.
+    from agro_dist.actors.generator import remove_dead_tmpdirs
+
+    tmp = ray.get(actor.get_tmpdir.remote())
+    assert os.path.basename(tmp).startswith("agro_dist-gen-") and any(f.startswith("vllm_dist_") for f in os.listdir(tmp))
+    remove_dead_tmpdirs()
+    assert os.path.isdir(tmp)  # alive: kept
     ray.kill(actor)
+    deadline = time.time() + 30
+    while os.path.isdir(tmp) and time.time() < deadline:
+        remove_dead_tmpdirs()
+        time.sleep(0.5)
+    assert not os.path.exists(tmp)
 
 
 def test_large_evaluation_batches_work_on_cpu(gen):
