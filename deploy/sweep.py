@@ -7,7 +7,9 @@ table of mean +- standard error over the seeds, and plots.
     python deploy/sweep.py --address http://127.0.0.1:8265 --p 0 0.25 0.5 0.75 -- --run.steps 40
 
 Each ``--grid KEY V1 V2 ...`` is one axis (values are YAML, as on agro_dist's command line);
-the runs are every combination times ``--seeds`` (``--run.seed``). ``--p P1 P2 ...`` is
+the runs are every combination times ``--seeds`` (``--run.seed``). ``--point KEY=V KEY=V`` gives
+one point whole (for grids that are not products: ``--point learner.loss=kl_pg --point
+learner.loss=agro_off learner.beta=0``). ``--p P1 P2 ...`` is
 ``--grid run.replay_prob P1 P2 ... -- --run.mode async``. Everything after ``--`` goes to every
 run's ``python -m agro_dist``; the sweep adds ``--run.name <name>-<key><value>...-s<seed>`` and
 ``--run.storage_path``.
@@ -48,19 +50,21 @@ TAIL = 5  # train rows averaged for a run's final reward and KL (one batch is no
 
 # ----------------------------------------------------------------------------- the grid
 
-def grid_runs(name: str, axes: List[List[str]], seeds: List[int]) -> List[Dict[str, Any]]:
-    """Every combination of the axes' values times the seeds: [{run, point, seed, args}]."""
+def grid_runs(name: str, axes: List[List[str]], seeds: List[int], points: Optional[List[List[str]]] = None) -> List[Dict[str, Any]]:
+    """Every combination of the axes' values (crossed with each ``--point``, when given) times the
+    seeds: [{run, point, label, seed, args}]. ``points`` are lists of ``KEY=VALUE``."""
     import yaml
 
     keys = [a[0] for a in axes]
-    values = [a[1:] for a in axes]
+    base = [[tuple(kv.split("=", 1)) for kv in pt] for pt in points] if points else [[]]
+    combos = [pt + list(zip(keys, combo)) for pt in base for combo in (itertools.product(*[a[1:] for a in axes]) if axes else [()])]
     out = []
-    for combo in itertools.product(*values) if axes else [()]:
-        point = {k: yaml.safe_load(v) for k, v in zip(keys, combo)}
-        label = "-".join(f"{k.split('.')[-1]}{_slug(v)}" for k, v in zip(keys, combo))
+    for kvs in combos:
+        point = {k: yaml.safe_load(v) for k, v in kvs}
+        label = "-".join(f"{k.split('.')[-1]}{_slug(v)}" for k, v in kvs)
         for s in seeds:
             run = f"{name}-{label}-s{s}" if label else f"{name}-s{s}"
-            args = [a for k, v in zip(keys, combo) for a in (f"--{k}", v)] + ["--run.seed", str(s)]
+            args = [a for k, v in kvs for a in (f"--{k}", v)] + ["--run.seed", str(s)]
             out.append(dict(run=run, point=point, label=point_label(point), seed=s, args=args))
     return out
 
@@ -135,6 +139,32 @@ def summarise(runs: List[Dict[str, Any]], results: Dict[str, Dict[str, Any]]) ->
             row[k], row[k + "_se"] = mean_se([d.get(k) for d in done])
         out.append(row)
     return out
+
+
+PAIRED = ["sampled_final", "sampled_peak", "greedy_final", "reward_final", "kl_final"]
+
+
+def paired(runs: List[Dict[str, Any]], results: Dict[str, Dict[str, Any]]) -> str:
+    """Each grid point minus the first, seed by seed (the same seed: the same prompts and eval set,
+    so the difference's s.e. is over seeds both finished): mean +- s.e. of the differences."""
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    if len(labels) < 2:
+        return ""
+    by = {(r["label"], r["seed"]): results.get(r["run"], {}) for r in runs}
+    base = labels[0]
+    head = ["point - " + base, "seeds"] + [m.replace("_", " ") for m in PAIRED]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in labels[1:]:
+        seeds = [s for (lb, s), v in by.items() if lb == label and v.get("status") == "done" and by.get((base, s), {}).get("status") == "done"]
+        cells = []
+        for m in PAIRED:
+            pct = m != "kl_final" and m != "reward_final"
+            mean, se = mean_se([by[(label, s)][m] - by[(base, s)][m] for s in seeds
+                                if by[(label, s)].get(m) is not None and by[(base, s)].get(m) is not None])
+            f = (lambda x: f"{100 * x:+.1f}") if pct else (lambda x: f"{x:+.3g}")
+            cells.append("-" if mean is None else f(mean) + (f" +- {f(se)[1:]}" if se is not None else ""))
+        lines.append("| " + " | ".join([label, str(len(seeds))] + cells) + " |")
+    return "\n".join(lines)
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
@@ -230,6 +260,9 @@ def report(runs: List[Dict[str, Any]], out_dir: str, title: str, status: Dict[st
         w.writeheader()
         w.writerows([{k: _fmt(v) for k, v in row.items()} for row in rows])
     text = table(rows)
+    diff = paired(runs, results)
+    if diff:
+        text += "\n\nPaired by seed, each point minus the first (accuracy differences in points):\n\n" + diff
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(f"{title}: mean +- s.e. over seeds (accuracies in %)\n\n{text}\n")
     print(text)
@@ -287,6 +320,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", nargs="+", action="append", default=[], metavar=("KEY", "VALUE"),
                     help="one axis: a config key and its values (repeat for more axes)")
+    ap.add_argument("--point", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                    help="one grid point given whole, e.g. --point learner.loss=agro_off learner.beta=0 (repeat for more; "
+                         "crossed with any --grid axes)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="run.seed values (default: 0)")
     ap.add_argument("--p", type=float, nargs="+", default=None, help="shorthand: --grid run.replay_prob P... with --run.mode async")
     ap.add_argument("--name", default="sweep", help="run name prefix")
@@ -307,6 +343,8 @@ def main(argv=None) -> int:
     axes = [list(a) for a in args.grid]
     if any(len(a) < 2 for a in axes):
         ap.error("--grid takes a key and at least one value")
+    if any("=" not in kv for pt in args.point for kv in pt):
+        ap.error("--point takes KEY=VALUE pairs")
     if args.p is not None:
         axes.append(["run.replay_prob", *(f"{p:g}" for p in args.p)])
         extra = ["--run.mode", "async", *extra]
@@ -314,7 +352,7 @@ def main(argv=None) -> int:
         ap.error("--local runs one at a time")
     out_dir = os.path.abspath(args.out or f"sweep-{args.name}")
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
-    runs = grid_runs(args.name, axes, args.seeds)
+    runs = grid_runs(args.name, axes, args.seeds, args.point)
     if "--run.storage_path" in extra:
         storage = extra[len(extra) - 1 - extra[::-1].index("--run.storage_path") + 1]
     else:
@@ -324,7 +362,7 @@ def main(argv=None) -> int:
 
             storage = storage if is_remote(storage) else os.path.abspath(os.path.expanduser(storage))
         extra = [*extra, "--run.storage_path", storage]
-    print(f"sweep {args.name}: {len(runs)} runs ({len(axes)} axes x {len(args.seeds)} seeds), kept in {storage}, tables in {out_dir}", flush=True)
+    print(f"sweep {args.name}: {len(runs)} runs ({len(runs) // len(args.seeds)} points x {len(args.seeds)} seeds), kept in {storage}, tables in {out_dir}", flush=True)
     status: Dict[str, str] = {}
     if not args.report:
         todo = []

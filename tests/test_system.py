@@ -590,6 +590,7 @@ def test_a_local_grid_sweep_tabulates_mean_and_se_and_runs_again_only_what_is_mi
     summary = _rows(out / "summary.csv")
     assert [(s["point"], s["seeds"], s["sampled_final_se"]) for s in summary] == [("loss=rloo", "1", ""), ("loss=agro_off", "1", "")]
     assert (out / "curves.png").stat().st_size > 10000
+    assert "| loss=agro_off | 1 |" in (out / "table.md").read_text().split("Paired by seed")[1]
     shutil.rmtree(out / "runs" / "g-lossrloo-s3")
     p = _sweep(head, *sweep, timeout=120)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -623,3 +624,11 @@ def test_sweep_states_and_mean_se(tmp_path):
     runs = sweep.grid_runs("x", [["learner.loss", "rloo", "agro_on"], ["learner.beta", "0.05", "0.2"]], [0, 1])
     assert len(runs) == 8 and runs[0]["run"] == "x-lossrloo-beta0.05-s0" and runs[0]["point"] == {"learner.loss": "rloo", "learner.beta": 0.05}
     assert runs[-1]["args"] == ["--learner.loss", "agro_on", "--learner.beta", "0.2", "--run.seed", "1"]
+    runs = sweep.grid_runs("o", [], [0], [["learner.loss=kl_pg"], ["learner.loss=agro_off", "learner.beta=0"]])  # points given whole
+    assert [(r["run"], r["label"]) for r in runs] == [("o-losskl_pg-s0", "loss=kl_pg"), ("o-lossagro_off-beta0-s0", "loss=agro_off, beta=0")]
+    # Paired differences against the first point, seed by seed; a seed only one point finished is left out.
+    runs = sweep.grid_runs("x", [["learner.loss", "rloo", "agro_on"]], [0, 1, 2])
+    acc = {"x-lossrloo-s0": 0.2, "x-lossrloo-s1": 0.3, "x-lossrloo-s2": 0.4, "x-lossagro_on-s0": 0.3, "x-lossagro_on-s1": 0.5}
+    results = {r: dict(status="done", sampled_final=a, sampled_peak=a, greedy_final=a, reward_final=a, kl_final=1.0) for r, a in acc.items()}
+    row = sweep.paired(runs, results).splitlines()[-1]
+    assert row.startswith("| loss=agro_on | 2 | +15.0 +- 5.0 |") and row.endswith("| +0 +- 0 |"), row  # differences 0.1, 0.2
