@@ -399,12 +399,21 @@ def _run_local(todo, extra, args, storage, out_dir) -> Dict[str, str]:
         cmd = _command(args.python or sys.executable, r, extra, more)
         print(f"[{i + 1}/{len(todo)}] {r['run']}: {shlex.join(cmd)}", flush=True)
         t0 = time.time()
-        rc = subprocess.call(cmd)
+        proc = subprocess.Popen(cmd)
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the run too: let it stop its actors and its Ray, then stop
+            try:
+                rc = proc.wait(timeout=120)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                proc.kill()
+                rc = proc.wait()
+            status[r["run"]] = "interrupted"
+            print(f"{r['run']}: interrupted (exit {rc}); run the same command again to continue", flush=True)
+            break
         ok = rc == 0 and collect(r["run"], storage, out_dir)
         status[r["run"]] = "done" if ok else f"exit {rc}"
         print(f"[{i + 1}/{len(todo)}] {r['run']}: {status[r['run']]} in {(time.time() - t0) / 60:.1f} min", flush=True)
-        if rc == 130:  # interrupted: stop the sweep too (run it again to continue)
-            break
     return status
 
 

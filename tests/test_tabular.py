@@ -81,6 +81,36 @@ def test_pi_star_is_the_zero_loss_stationary_point_of_both_losses():
     assert tb.kl(tb.log_pi(logits), star).min() > 0 and tb.kl(star, star).abs().max() < 1e-12
 
 
+def _flow(grad, ref, steps=4000):
+    logits = ref.clone()
+    for _ in range(steps):
+        logits = logits - grad(logits)
+    return tb.log_pi(logits)
+
+
+@pytest.mark.parametrize("beta,p0,on_finds_pi_star", [(0.05, 0.08, False), (0.2, 0.08, False), (0.2, 0.35, True), (1.0, 0.08, True)])
+def test_on_policy_loss_flow_from_pi_ref_reaches_pi_star_only_when_beta_is_large_enough(beta, p0, on_finds_pi_star):
+    """docs/experiments.md: L_on = 1/2 Var_pi[R] is also zero on pi_ref restricted to the wrong answers
+    (R constant there), a point outside pi_ref's support that Theorem 2 excludes. From pi_ref, with a
+    rare right answer and a small beta, L_on's exact gradient flow goes there (P(right) -> 0, KL ->
+    -log(1 - p0)), while L_off at mu = pi (the RL gradient) reaches pi*. Bandit: K = 50, reward 1 on one."""
+    K = 50
+    ref = torch.full((1, K), (1 - p0) / (K - 1), dtype=torch.float64)
+    ref[0, 0] = p0
+    ref, r = ref.log(), torch.zeros(1, K, dtype=torch.float64)
+    r[0, 0] = 1.0
+    star = tb.pi_star_logp(ref, r, beta)
+    off = _flow(lambda x: tb.grad_off_exact(x, tb.log_pi(x), ref, r, beta) / beta, ref)
+    on = _flow(lambda x: tb.grad_on_exact(x, ref, r, beta) / beta, ref)
+    assert tb.kl(off, star).item() < 1e-2
+    if on_finds_pi_star:
+        assert tb.kl(on, star).item() < 1e-2
+    else:
+        assert on.exp()[0, 0].item() < 1e-3 and abs(tb.kl(on, ref).item() + math.log(1 - p0)) < 1e-3
+        # ... towards a zero of L_on, as pi* is one (Var_pi[R] -> 0 as P(right) -> 0)
+        assert tb.loss_on(on, ref, r, beta).item() < 1e-2 * tb.loss_on(ref, ref, r, beta).item()
+
+
 def test_dpo_gradient_vanishes_at_pi_star_under_bradley_terry_labels():
     """Section 7: with pairs labelled by P(a > b) = sigmoid(r_a - r_b), the expected DPO gradient
     is zero at pi* and not at pi_ref (Monte Carlo over 40k pairs per prompt, 4/8 SE bands)."""
