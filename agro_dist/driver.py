@@ -475,6 +475,8 @@ class Driver:
                 pending = (step, samples, self.eval_submit()[2])
             except _ray_errors():
                 pass  # still restarting: the next round submits again
+        if self.evaluator is None and 0 in self._gen_down:  # its first answer since it failed (no training call needed it yet)
+            self._gen_back(0)
         row = dict(step=step, samples=samples, elapsed_s=elapsed, **res)
         self.evals.append(row)
         self.monitor.eval(row)

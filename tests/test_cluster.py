@@ -147,12 +147,15 @@ def _placements(out):
     return [dict(re.findall(r"(\S+) on ([\d.]+)", m)) for m in re.findall(r"placement: (.*) \(driver on", out)]
 
 
+FAULT_STEPS = 16  # enough that the generator must be back to finish, even when the fault lands late (~0.5 s a step)
+
+
 def _run_through_a_fault(cluster, model, tmp_path, name, fault, watch=None):
-    """An async run of 10 steps, checkpoints every 2, a generator (gen_slot) and two learner ranks
+    """An async run of FAULT_STEPS steps, checkpoints every 2, a generator (gen_slot) and two learner ranks
     spread over the workers; after 3 steps ``fault(node)`` strikes the generator's node. ``watch()``
     is called every 2 s until the job ends. Returns (final state, job log, run folder, the node)."""
     store = tmp_path / "store"
-    args = _args(model, store, name, "--run.mode", "async", "--run.steps", "10", "--run.checkpoint_every", "2",
+    args = _args(model, store, name, "--run.mode", "async", "--run.steps", str(FAULT_STEPS), "--run.checkpoint_every", "2",
                  "--run.max_staleness", "null", "--resources.learner_ranks", "2", "--resources.learner_resources", "{learner_slot: 1}",
                  "--resources.learner_placement", "SPREAD", "--resources.generator_resources", "{gen_slot: 1}")
     job = _submit(cluster, args)
@@ -184,9 +187,9 @@ def _recovered_on_the_other_worker(cluster, state, out, run, node):
     steps = [int(r["step"]) for r in _rows(run / "train.csv")]
     k = next(i for i, r in enumerate(_rows(run / "train.csv")) if int(r["learner_restarts"]) == 1)
     f, c = steps[k - 1], steps[k] - 1  # the last step before the loss, the checkpoint it went on from
-    assert steps == list(range(1, f + 1)) + list(range(c + 1, 11)) and c % 2 == 0 and c <= f, steps
+    assert steps == list(range(1, f + 1)) + list(range(c + 1, FAULT_STEPS + 1)) and c % 2 == 0 and c <= f, steps
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 10 and summary["learner_restarts"] == 1 and summary["generator_restarts"] >= 1, summary
+    assert summary["steps"] == FAULT_STEPS and summary["learner_restarts"] == 1 and summary["generator_restarts"] >= 1, summary
     _nothing_lost(run)  # every group put is acked or still in the buffer
 
 
