@@ -44,6 +44,9 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from agro_dist.monitor import read_csv
+from agro_dist.storage import atomic_write
+
 RUN_FILES = ("train.csv", "eval.csv", "summary.json", "config.yaml")
 TAIL = 5  # train rows averaged for a run's final reward and KL (one batch is noisy)
 
@@ -79,16 +82,9 @@ def _slug(v: str) -> str:
 
 # ----------------------------------------------------------------------------- one run's outcome
 
-def read_rows(path: str) -> List[Dict[str, float]]:
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
-
-
 def run_metrics(folder: str) -> Dict[str, Any]:
     """A finished run's numbers from its collected files."""
-    tr, ev = read_rows(os.path.join(folder, "train.csv")), read_rows(os.path.join(folder, "eval.csv"))
+    tr, ev = read_csv(os.path.join(folder, "train.csv")), read_csv(os.path.join(folder, "eval.csv"))
     with open(os.path.join(folder, "summary.json")) as f:
         summary = json.load(f)
     tail = tr[-TAIL:]
@@ -199,8 +195,8 @@ def curves(runs: List[Dict[str, Any]], out_dir: str, title: str) -> Optional[str
             continue
         drawn = True
         c = f"C{i % 10}"
-        ev = [read_rows(os.path.join(f, "eval.csv")) for f in folders]
-        tr = [read_rows(os.path.join(f, "train.csv")) for f in folders]
+        ev = [read_csv(os.path.join(f, "eval.csv")) for f in folders]
+        tr = [read_csv(os.path.join(f, "train.csv")) for f in folders]
         n = min(len(e) for e in ev)
         for a, xk, scale in ((ax[0, 0], "samples", 1.0), (ax[0, 1], "elapsed_s", 1 / 60)):
             x = [mean_se([e[j][xk] * scale for e in ev])[0] for j in range(n)]
@@ -299,16 +295,9 @@ def collect(run: str, storage: str, out_dir: str) -> bool:
     os.makedirs(dest, exist_ok=True)
     for name in RUN_FILES:  # summary.json last: its presence marks a complete copy
         if name != "summary.json" and st.exists(name):
-            _write(os.path.join(dest, name), st.read_text(name))
-    _write(os.path.join(dest, "summary.json"), st.read_text("summary.json"))
+            atomic_write(os.path.join(dest, name), st.read_text(name))
+    atomic_write(os.path.join(dest, "summary.json"), st.read_text("summary.json"))
     return True
-
-
-def _write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
