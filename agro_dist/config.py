@@ -268,6 +268,11 @@ class Config:
         """Whether generator 0 evaluates (``run.eval_engine``) instead of an eval actor."""
         return self.run.eval_engine == "generator" or (self.run.eval_engine == "auto" and self.run.mode in ("sync", "async"))
 
+    def eval_takes_turns(self) -> bool:
+        """Whether the eval actor runs only between the learner's steps: it has no resources of
+        its own (``resources.eval_cpus`` and ``eval_gpus`` 0), so it shares the learner's."""
+        return not self.resources.eval_cpus and not self.resources.eval_gpus
+
     def eval_task_spec(self) -> Optional[Dict[str, Any]]:
         """The evaluation task for ``Generator.evaluate(task=...)``: None when it is the training task."""
         e, g = self.eval_generator_config(), self.generator_config(0)

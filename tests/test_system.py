@@ -275,6 +275,10 @@ def test_offline_trains_from_a_file_written_by_data_sample_with_no_generator(hea
     assert [int(r["step"]) for r in rows] == list(range(1, 7)) and [round(float(r["epoch"]), 2) for r in rows] == [0.33, 0.67, 1.0, 1.33, 1.67, 2.0]
     assert all(float(r["kl"]) >= 0 for r in rows) and float(rows[-1]["kl"]) > 0  # it trained away from pi_ref
     assert [int(r["version"]) for r in _rows(tmp_path / "off" / "eval.csv")] == [0, 3, 6]
+    # The eval actor has no cores of its own (resources.eval_cpus 0): it runs between steps, not beside one.
+    # Its row is written before step 4 starts (a concurrent one is collected after a later step).
+    evals = {int(r["step"]): float(r["elapsed_s"]) for r in _rows(tmp_path / "off" / "eval.csv")}
+    assert evals[3] < float(rows[3]["elapsed_s"]) - float(rows[3]["step_s"]), (evals, rows[3])
     assert json.load(open(tmp_path / "off" / "summary.json"))["epochs"] == 2.0
     assert "logged generations" in open(_final_hf(tmp_path / "off") + "/README.md").read()
     # Resumed for a third epoch: the cursor over the data comes back with the checkpoint.
