@@ -163,6 +163,45 @@ def paired(runs: List[Dict[str, Any]], results: Dict[str, Dict[str, Any]]) -> st
     return "\n".join(lines)
 
 
+def by_eval(runs: List[Dict[str, Any]], out_dir: str) -> str:
+    """Two tables, one row per grid point and one column per evaluation step: the sampled accuracy
+    there and the KL over the TAIL steps up to it, mean +- s.e. over the seeds that reached it
+    (the offline family's "at a fixed epoch", the replay family's "against steps")."""
+    acc: Dict[tuple, List[float]] = {}
+    kl: Dict[tuple, List[float]] = {}
+    for r in runs:
+        folder = os.path.join(out_dir, "runs", r["run"])
+        if not os.path.exists(os.path.join(folder, "summary.json")):
+            continue
+        tr = {int(x["step"]): x for x in read_csv(os.path.join(folder, "train.csv"))}
+        for e in read_csv(os.path.join(folder, "eval.csv")):
+            if "sampled_accuracy" not in e:
+                continue
+            s = int(e["step"])
+            acc.setdefault((r["label"], s), []).append(e["sampled_accuracy"])
+            ks = [tr[j]["kl"] for j in range(s - TAIL + 1, s + 1) if "kl" in tr.get(j, {})]
+            if ks:
+                kl.setdefault((r["label"], s), []).append(sum(ks) / len(ks))
+    steps = sorted({s for _, s in acc})
+    if not steps:
+        return ""
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+
+    def grid(vals, pct):
+        f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3g}")
+        lines = ["| point | " + " | ".join(f"step {s}" for s in steps) + " |", "|" + "---|" * (len(steps) + 1)]
+        for lb in labels:
+            cells = []
+            for s in steps:
+                m, se = mean_se(vals.get((lb, s), []))
+                cells.append("-" if m is None else f(m) + (f" +- {f(se)}" if se is not None else ""))
+            lines.append(f"| {lb} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    return (f"Sampled accuracy (%) at each evaluation:\n\n{grid(acc, True)}\n\n"
+            f"KL over the {TAIL} steps up to each evaluation:\n\n{grid(kl, False)}")
+
+
 def table(rows: List[Dict[str, Any]]) -> str:
     def cell(m, se, pct):
         if m is None:
@@ -259,6 +298,9 @@ def report(runs: List[Dict[str, Any]], out_dir: str, title: str, status: Dict[st
     diff = paired(runs, results)
     if diff:
         text += "\n\nPaired by seed, each point minus the first (accuracy differences in points):\n\n" + diff
+    evals = by_eval(runs, out_dir)
+    if evals:
+        text += "\n\n" + evals
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(f"{title}: mean +- s.e. over seeds (accuracies in %)\n\n{text}\n")
     print(text)

@@ -595,6 +595,7 @@ def test_a_local_grid_sweep_tabulates_mean_and_se_and_runs_again_only_what_is_mi
     assert [(s["point"], s["seeds"], s["sampled_final_se"]) for s in summary] == [("loss=rloo", "1", ""), ("loss=agro_off", "1", "")]
     assert (out / "curves.png").stat().st_size > 10000
     assert "| loss=agro_off | 1 |" in (out / "table.md").read_text().split("Paired by seed")[1]
+    assert "| point | step 0 | step 2 |" in (out / "table.md").read_text().split("at each evaluation")[1]
     shutil.rmtree(out / "runs" / "g-lossrloo-s3")
     p = _sweep(head, *sweep, timeout=120)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -636,3 +637,15 @@ def test_sweep_states_and_mean_se(tmp_path):
     results = {r: dict(status="done", sampled_final=a, sampled_peak=a, greedy_final=a, reward_final=a, kl_final=1.0) for r, a in acc.items()}
     row = sweep.paired(runs, results).splitlines()[-1]
     assert row.startswith("| loss=agro_on | 2 | +15.0 +- 5.0 |") and row.endswith("| +0 +- 0 |"), row  # differences 0.1, 0.2
+    # Accuracy and KL (mean over the 5 steps up to it) at each evaluation step, over the seeds that reached it.
+    out = tmp_path / "sw"
+    runs = sweep.grid_runs("x", [["learner.loss", "rloo"]], [0, 1])
+    for r, (a, k) in zip(runs, [(0.2, 1.0), (0.4, 3.0)]):
+        d = out / "runs" / r["run"]
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text("{}")
+        (d / "eval.csv").write_text(f"step,sampled_accuracy\n0,0.1\n2,{a}\n")
+        (d / "train.csv").write_text(f"step,kl\n1,0.5\n2,{k}\n")
+    t = sweep.by_eval(runs, str(out))
+    # step 2: accuracy 0.2, 0.4 (s.e. 0.1); KL (0.5 + 1) / 2 and (0.5 + 3) / 2 (s.e. 0.5)
+    assert "| loss=rloo | 10.0 +- 0.0 | 30.0 +- 10.0 |" in t and "| loss=rloo | - | 1.25 +- 0.5 |" in t, t
