@@ -99,12 +99,13 @@ def after_step(loop, row: Dict[str, Any], elapsed: Callable[[], float]) -> None:
         if loop.defer_eval:
             loop.eval_due = True
         else:
-            loop.pending_eval = d.eval_submit()
+            ev = d.eval_submit()
             if d.evaluator is not None and d.cfg.eval_takes_turns():
                 # It shares the learner's cores: run it now, between steps. Alongside a learner
                 # step both crawl (2-core CPU, offline run: steps 6.5 s -> 40 s, an eval ~4 min).
-                d.eval_collect(loop.pending_eval, elapsed(), wait=True, retry=False)
-                loop.pending_eval = None
+                d.eval_collect(ev, elapsed(), wait=True, retry=False)
+            else:
+                loop.pending_eval = ev
     d.log_progress(row, elapsed())
 
 

@@ -188,32 +188,29 @@ def by_eval(runs: List[Dict[str, Any]], out_dir: str) -> str:
     labels = list(dict.fromkeys(r["label"] for r in runs))
 
     def grid(vals, pct):
-        f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3g}")
         lines = ["| point | " + " | ".join(f"step {s}" for s in steps) + " |", "|" + "---|" * (len(steps) + 1)]
         for lb in labels:
-            cells = []
-            for s in steps:
-                m, se = mean_se(vals.get((lb, s), []))
-                cells.append("-" if m is None else f(m) + (f" +- {f(se)}" if se is not None else ""))
-            lines.append(f"| {lb} | " + " | ".join(cells) + " |")
+            lines.append(f"| {lb} | " + " | ".join(_cell(*mean_se(vals.get((lb, s), [])), pct) for s in steps) + " |")
         return "\n".join(lines)
 
     return (f"Sampled accuracy (%) at each evaluation:\n\n{grid(acc, True)}\n\n"
             f"KL over the {TAIL} steps up to each evaluation:\n\n{grid(kl, False)}")
 
 
-def table(rows: List[Dict[str, Any]]) -> str:
-    def cell(m, se, pct):
-        if m is None:
-            return "-"
-        f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3g}")
-        return f(m) + (f" +- {f(se)}" if se is not None else "")
+def _cell(m, se, pct: bool) -> str:
+    """A table cell: mean +- s.e. (percent with one decimal, or 3 significant digits); '-' for none."""
+    if m is None:
+        return "-"
+    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3g}")
+    return f(m) + (f" +- {f(se)}" if se is not None else "")
 
+
+def table(rows: List[Dict[str, Any]]) -> str:
     head = ["point", "seeds"] + [t + (" %" if pct else "") for _, t, pct in METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([r["point"], f"{r['seeds']}/{r['of']}"] +
-                                        [cell(r[k], r[k + "_se"], pct) for k, _, pct in METRICS]) + " |")
+                                        [_cell(r[k], r[k + "_se"], pct) for k, _, pct in METRICS]) + " |")
     return "\n".join(lines)
 
 
