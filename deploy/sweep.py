@@ -163,6 +163,20 @@ def paired(runs: List[Dict[str, Any]], results: Dict[str, Dict[str, Any]]) -> st
     return "\n".join(lines)
 
 
+def eval_points(folder: str) -> List[tuple]:
+    """(step, sampled accuracy, KL over the TAIL steps up to it or None) at each evaluation of a run:
+    held-out accuracy against KL, the KL-efficiency view that replayed groups' stale rewards cannot bias."""
+    tr = {int(x["step"]): x for x in read_csv(os.path.join(folder, "train.csv"))}
+    out = []
+    for e in read_csv(os.path.join(folder, "eval.csv")):
+        if "sampled_accuracy" not in e:
+            continue
+        s = int(e["step"])
+        ks = [tr[j]["kl"] for j in range(s - TAIL + 1, s + 1) if "kl" in tr.get(j, {})]
+        out.append((s, e["sampled_accuracy"], sum(ks) / len(ks) if ks else None))
+    return out
+
+
 def by_eval(runs: List[Dict[str, Any]], out_dir: str) -> str:
     """Two tables, one row per grid point and one column per evaluation step: the sampled accuracy
     there and the KL over the TAIL steps up to it, mean +- s.e. over the seeds that reached it
@@ -173,15 +187,10 @@ def by_eval(runs: List[Dict[str, Any]], out_dir: str) -> str:
         folder = os.path.join(out_dir, "runs", r["run"])
         if not os.path.exists(os.path.join(folder, "summary.json")):
             continue
-        tr = {int(x["step"]): x for x in read_csv(os.path.join(folder, "train.csv"))}
-        for e in read_csv(os.path.join(folder, "eval.csv")):
-            if "sampled_accuracy" not in e:
-                continue
-            s = int(e["step"])
-            acc.setdefault((r["label"], s), []).append(e["sampled_accuracy"])
-            ks = [tr[j]["kl"] for j in range(s - TAIL + 1, s + 1) if "kl" in tr.get(j, {})]
-            if ks:
-                kl.setdefault((r["label"], s), []).append(sum(ks) / len(ks))
+        for s, a, k in eval_points(folder):
+            acc.setdefault((r["label"], s), []).append(a)
+            if k is not None:
+                kl.setdefault((r["label"], s), []).append(k)
     steps = sorted({s for _, s in acc})
     if not steps:
         return ""
@@ -222,7 +231,7 @@ def curves(runs: List[Dict[str, Any]], out_dir: str, title: str) -> Optional[str
     import matplotlib.pyplot as plt
 
     labels = list(dict.fromkeys(r["label"] for r in runs))
-    fig, ax = plt.subplots(2, 2, figsize=(12, 8))
+    fig, ax = plt.subplots(2, 3, figsize=(17, 8))
     drawn = False
     for i, label in enumerate(labels):
         folders = [os.path.join(out_dir, "runs", r["run"]) for r in runs if r["label"] == label]
@@ -241,18 +250,25 @@ def curves(runs: List[Dict[str, Any]], out_dir: str, title: str) -> Optional[str
             a.plot(x, y, "o-", color=c, label=f"{label} (n={len(folders)})")
             if len(folders) > 1:
                 a.fill_between(x, [m - (s or 0) for m, s in ms], [m + (s or 0) for m, s in ms], color=c, alpha=0.2)
+        # Accuracy against KL at each evaluation (before training the policy is pi_ref: KL 0).
+        pts = [eval_points(f)[:n] for f in folders]
+        kx = [mean_se([p[j][2] if p[j][2] is not None else 0.0 for p in pts])[0] for j in range(n)]
+        ax[0, 2].plot(kx, [mean_se([p[j][1] for p in pts])[0] for j in range(n)], "o-", color=c, label=label)
         t = min(len(r) for r in tr)
         kl = [mean_se([r[j].get("kl") for r in tr])[0] for j in range(t)]
         rw = [mean_se([r[j].get("reward_mean") for r in tr])[0] for j in range(t)]
         steps = [tr[0][j]["step"] for j in range(t)]
         ax[1, 0].plot(_smooth(kl), _smooth(rw), "-", color=c, label=label)
-        ax[1, 1].plot(steps, kl, "-", color=c, label=label)
+        ax[1, 1].plot(steps, _smooth(rw), "-", color=c, label=label)
+        ax[1, 2].plot(steps, kl, "-", color=c, label=label)
     if not drawn:
         plt.close(fig)
         return None
+    batch_reward = "batch reward, replays included (mean of 5)"
     for a, xl, yl in ((ax[0, 0], "completions trained", "held-out sampled accuracy"), (ax[0, 1], "minutes of training", "held-out sampled accuracy"),
-                      (ax[1, 0], "KL(pi || pi_ref) per sequence (moving mean of 5)", "batch reward (moving mean of 5)"),
-                      (ax[1, 1], "learner step", "KL(pi || pi_ref) per sequence")):
+                      (ax[0, 2], f"KL(pi || pi_ref) per sequence (mean of {TAIL} steps to the evaluation)", "held-out sampled accuracy"),
+                      (ax[1, 0], "KL(pi || pi_ref) per sequence (moving mean of 5)", batch_reward),
+                      (ax[1, 1], "learner step", batch_reward), (ax[1, 2], "learner step", "KL(pi || pi_ref) per sequence")):
         a.set_xlabel(xl)
         a.set_ylabel(yl)
         a.grid(alpha=0.3)
