@@ -163,12 +163,13 @@ def paired(runs: List[Dict[str, Any]], results: Dict[str, Dict[str, Any]]) -> st
     return "\n".join(lines)
 
 
-def eval_points(folder: str) -> List[tuple]:
-    """(step, sampled accuracy, KL over the TAIL steps up to it or None) at each evaluation of a run:
-    held-out accuracy against KL, the KL-efficiency view that replayed groups' stale rewards cannot bias."""
-    tr = {int(x["step"]): x for x in read_csv(os.path.join(folder, "train.csv"))}
+def eval_points(train_rows: List[Dict[str, Any]], eval_rows: List[Dict[str, Any]]) -> List[tuple]:
+    """(step, sampled accuracy, KL over the TAIL steps up to it or None) at each evaluation of a run
+    (its train.csv and eval.csv rows): held-out accuracy against KL, the KL-efficiency view that
+    replayed groups' stale rewards cannot bias."""
+    tr = {int(x["step"]): x for x in train_rows}
     out = []
-    for e in read_csv(os.path.join(folder, "eval.csv")):
+    for e in eval_rows:
         if "sampled_accuracy" not in e:
             continue
         s = int(e["step"])
@@ -187,7 +188,7 @@ def by_eval(runs: List[Dict[str, Any]], out_dir: str) -> str:
         folder = os.path.join(out_dir, "runs", r["run"])
         if not os.path.exists(os.path.join(folder, "summary.json")):
             continue
-        for s, a, k in eval_points(folder):
+        for s, a, k in eval_points(read_csv(os.path.join(folder, "train.csv")), read_csv(os.path.join(folder, "eval.csv"))):
             acc.setdefault((r["label"], s), []).append(a)
             if k is not None:
                 kl.setdefault((r["label"], s), []).append(k)
@@ -251,7 +252,7 @@ def curves(runs: List[Dict[str, Any]], out_dir: str, title: str) -> Optional[str
             if len(folders) > 1:
                 a.fill_between(x, [m - (s or 0) for m, s in ms], [m + (s or 0) for m, s in ms], color=c, alpha=0.2)
         # Accuracy against KL at each evaluation (before training the policy is pi_ref: KL 0).
-        pts = [eval_points(f)[:n] for f in folders]
+        pts = [eval_points(r, e)[:n] for r, e in zip(tr, ev)]
         kx = [mean_se([p[j][2] if p[j][2] is not None else 0.0 for p in pts])[0] for j in range(n)]
         ax[0, 2].plot(kx, [mean_se([p[j][1] for p in pts])[0] for j in range(n)], "o-", color=c, label=label)
         t = min(len(r) for r in tr)

@@ -647,7 +647,8 @@ def test_sweep_states_and_mean_se(tmp_path):
         (d / "eval.csv").write_text(f"step,sampled_accuracy\n0,0.1\n2,{a}\n")
         (d / "train.csv").write_text(f"step,kl\n1,0.5\n2,{k}\n")
     # (step, accuracy, KL over the 5 steps up to it): no KL before training
-    assert sweep.eval_points(str(out / "runs" / runs[0]["run"])) == [(0, 0.1, None), (2, 0.2, 0.75)]
+    first = out / "runs" / runs[0]["run"]
+    assert sweep.eval_points(sweep.read_csv(str(first / "train.csv")), sweep.read_csv(str(first / "eval.csv"))) == [(0, 0.1, None), (2, 0.2, 0.75)]
     t = sweep.by_eval(runs, str(out))
     # step 2: accuracy 0.2, 0.4 (s.e. 0.1); KL (0.5 + 1) / 2 and (0.5 + 3) / 2 (s.e. 0.5)
     assert "| loss=rloo | 10.0 +- 0.0 | 30.0 +- 10.0 |" in t and "| loss=rloo | - | 1.25 +- 0.5 |" in t, t
