@@ -20,10 +20,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Union
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is imported
+# Start-up noise a user cannot act on, kept out of the run's log (a worker's lines reach the
+# driver): vLLM configures its loggers only when an engine starts, so what it logs while being
+# imported ("Triton is installed, but doesn't include CPU backend") ignored VLLM_LOGGING_LEVEL;
+# and its own code trips torch's FutureWarnings (torch.distributed.reduce_op).
+if os.environ.get("VLLM_LOGGING_LEVEL"):
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
 
 from agro_dist.models import resolve_model  # noqa: E402
 from agro_dist.records import Completion, Group  # noqa: E402
@@ -70,7 +78,8 @@ class Generator:
         on_gpu = torch.cuda.is_available()
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         kw = dict(model=self.model_path, dtype=dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
-                  enforce_eager=not on_gpu, gpu_memory_utilization=0.5 if not on_gpu else 0.85)
+                  enforce_eager=not on_gpu, gpu_memory_utilization=0.5 if not on_gpu else 0.85,
+                  use_tqdm_on_load=False)  # a progress bar per (re)start in the run's log
         # CPU: the KV cache is allocated whole at start-up, so its size is resident memory for the
         # engine's life. A user's VLLM_CPU_KVCACHE_SPACE (whole GiB) still wins, as in vLLM.
         if not on_gpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and "kv_cache_memory_bytes" not in cfg.vllm:

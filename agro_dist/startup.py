@@ -261,8 +261,13 @@ def actor_options(cfg: Config, kind: str, role: str) -> Dict[str, Any]:
     # Ray gives an actor OMP_NUM_THREADS = its CPU request (1 here); on a small machine where
     # the parts take turns (sync mode) each should use every core while it runs.
     threads = r.threads or os.cpu_count() or 1
+    env = {"OMP_NUM_THREADS": str(threads)}
+    if kind != "learner":
+        # vLLM's C++ start-up warnings (on CPU: "NUMA binding: Using MEMBIND policy ...") go
+        # straight to stderr, past Python's filters; a user's own setting still wins.
+        env["TORCH_CPP_LOG_LEVEL"] = os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")
     opts = dict(num_cpus=cpus, num_gpus=gpus, name=f"{cfg.run.name}-{role}", namespace="agro_dist",
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
+                runtime_env={"env_vars": env})
     if mem:
         opts["memory"] = int(mem * 1e9)
     if custom and kind != "learner":  # a learner rank gets its custom resources through its placement-group bundle

@@ -113,6 +113,11 @@ def _final_hf(run_dir):
     return os.path.join(ckpt, open(os.path.join(ckpt, "latest")).read().strip(), "hf")
 
 
+# Lines the generator actors printed at start-up before they were filtered: vLLM's progress bar,
+# its pre-configuration warning, torch FutureWarnings from its code, a C++ NUMA notice.
+NOISE = ("Loading safetensors checkpoint shards", "Triton is installed", "FutureWarning", "NUMA binding")
+
+
 def _check_run(p, run_dir, model, steps):
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     rows = _rows(os.path.join(run_dir, "train.csv"))
@@ -123,6 +128,9 @@ def _check_run(p, run_dir, model, steps):
     assert os.path.getsize(os.path.join(run_dir, "training.png")) > 10_000
     assert glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))
     assert "held-out accuracy      before   after" in p.stdout
+    # The log a user reads carries no worker start-up noise (each of these came through once).
+    for noise in NOISE:
+        assert noise not in p.stdout + p.stderr, noise
     # The weights changed.
     before = load_file(os.path.join(model, "model.safetensors"))
     after = _weights(run_dir)
