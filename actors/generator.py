@@ -29,8 +29,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is i
 # driver): vLLM configures its loggers only when an engine starts, so what it logs while being
 # imported ("Triton is installed, but doesn't include CPU backend") ignored VLLM_LOGGING_LEVEL;
 # and its own code trips torch's FutureWarnings (torch.distributed.reduce_op).
-if os.environ.get("VLLM_LOGGING_LEVEL"):
-    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+try:
+    logging.getLogger("vllm").setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "").upper() or logging.NOTSET)
+except ValueError:  # not a level name: vLLM says so itself when it configures logging
+    pass
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
 
 from agro_dist.models import resolve_model  # noqa: E402
