@@ -330,7 +330,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    # Before torch and vLLM are imported (by the generator module, in sample): as in a run's generator.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     args = parser().parse_args(argv)
     if args.cmd == "sample":
         return _sample(args)

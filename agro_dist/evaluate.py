@@ -49,7 +49,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    logging.getLogger("vllm").setLevel(logging.ERROR)  # its INFO lines would come through our handler
+    # Its INFO lines would come through our handler. Not left to the generator module: agro_dist.config
+    # imported it (setting the vllm logger from VLLM_LOGGING_LEVEL) before the line above.
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # read when torch loads (later): no C++ "NUMA binding" notice
     warnings.filterwarnings("ignore", category=FutureWarning)
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = parser().parse_known_args(argv)

@@ -177,6 +177,7 @@ def test_sync_mode_is_on_policy_step_for_step(head, tiny_vllm_model, tmp_path):
         e = subprocess.run([sys.executable, "-m", "agro_dist.evaluate", "--config", str(tmp_path / "sync" / "config.yaml"),
                             "--model", folder], capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
         assert e.returncode == 0, e.stdout[-2000:] + e.stderr[-3000:]
+        assert not [x for x in NOISE if x in e.stdout + e.stderr], e.stdout[-2000:] + e.stderr[-3000:]
         res = json.loads(e.stdout.split("AGRO_EVAL ", 1)[1])
         assert (res["greedy_accuracy"], res["sampled_accuracy"], res["eval_problems"]) == pytest.approx(  # eval.csv keeps 6 digits
             (float(row["greedy_accuracy"]), float(row["sampled_accuracy"]), float(row["eval_problems"])), abs=1e-6), (folder, res, row)
@@ -268,6 +269,7 @@ def test_offline_trains_from_a_file_written_by_data_sample_with_no_generator(hea
                         "--max-tokens", "8", "--max-model-len", "256", "--kv-cache-gb", "1", "--reward-fn", "reward_fns:even_length",
                         "--out", str(data)], env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert s.returncode == 0, s.stdout[-2000:] + s.stderr[-3000:]
+    assert not [x for x in NOISE if x in s.stdout + s.stderr], s.stdout[-2000:] + s.stderr[-3000:]
     recs = [json.loads(x) for x in open(data)]
     assert len(recs) == 12 and all(len(r["completions"]) == 2 and len(r["behavior_logprobs"]) == 2 for r in recs)
     from transformers import AutoTokenizer
