@@ -293,11 +293,25 @@ def own_tmpdir() -> str:
     folders; they go only when the process exits cleanly, and generator actors are killed. The
     file cannot be removed while the process lives (torch.distributed groups made later in the
     process wait on it), so a generator's leftovers go when the next one starts, or when the
-    driver ends (``remove_dead_tmpdirs``)."""
+    driver ends (``remove_dead_tmpdirs``).
+
+    torch's compile cache stays torch's default, ``<tmp>/torchinductor_<user>`` (or the user's
+    ``TORCHINDUCTOR_CACHE_DIR``): vLLM's sampler compiles a kernel at the first call that asks for
+    log-probs, and with the cache in the per-process folder every generator start (and restart)
+    compiled it again, 15-30 s on CPU. torch fixes both the cache's folder (at first use, into
+    ``TORCHINDUCTOR_CACHE_DIR``) and its precompiled headers' (when ``codecache`` is imported)
+    from the temporary folder, so both are settled here before it moves."""
     import tempfile
 
     base = tempfile.gettempdir()
     remove_dead_tmpdirs(base)
+    try:
+        from torch._inductor import codecache  # noqa: F401
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        cache_dir()
+    except ImportError:  # another torch: a cold cache costs start-up time, nothing else
+        pass
     d = os.path.join(base, f"{SCRATCH_PREFIX}{os.getpid()}")
     os.makedirs(d, exist_ok=True)
     os.environ["TMPDIR"] = d
