@@ -401,8 +401,9 @@ class Learner:
             m["loss"] = loss.detach()  # the surrogate whose gradient is applied (the sum of the loss_* parts)
             m["log_ratio"] = m.pop("log_ratio_mean")  # mean sequence log pi(y)/pi_ref(y): a KL estimate on-policy only
             if kl is not None and cfg.exact_kl:
-                # >= 0 up to rounding: at step 1 pi == pi_ref and the loss's own token KL (kept
-                # unclamped for its gradient) can round to -1e-8; the report clamps as the metric does.
+                # The one clamp of the reported KL, for both kinds: each position's KL is >= 0 up to
+                # rounding, and at step 1 (pi == pi_ref) the loss's own token KL, unclamped for its
+                # gradient, summed to -1.7e-7 a sequence in CI's kl_pg driver run.
                 kl_rep = kl.detach().float().clamp_min(0.0)
                 seq_kl = torch.zeros(mask.shape, dtype=torch.float32, device=dev).masked_scatter(mask, kl_rep).sum(-1)
                 m["kl"] = seq_kl.mean()

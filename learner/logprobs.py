@@ -134,10 +134,12 @@ def token_kl_metric(h: Tensor, head: torch.nn.Module, h_ref: Tensor, head_ref: t
     """Full-vocabulary KL(pi(.|pos) || pi_ref(.|pos)) per position [N], float32, no gradient: the
     KL the learner *reports*. Exact at every position whatever sampled the prefix, so it stays a
     KL (>= 0) off-policy, where the mean sampled log-ratio log pi(y)/pi_ref(y) does not (the tokens
-    were drawn from another policy). Calls the output modules (ZeRO 3 gathers the weight)."""
+    were drawn from another policy); rounding can take a position just below 0, which the
+    learner's report clamps (as it does ``token_kl``'s). Calls the output modules (ZeRO 3 gathers
+    the weight)."""
     out = []
     for s in range(0, h.shape[0], chunk):
         lp = torch.log_softmax(head(h[s:s + chunk]).float(), dim=-1)
         lq = torch.log_softmax(head_ref(h_ref[s:s + chunk]).float(), dim=-1)
-        out.append((lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0))  # >= 0 up to rounding
+        out.append((lp.exp() * (lp - lq)).sum(-1))
     return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
