@@ -25,8 +25,9 @@ backend asked for. TRL is configured as close to the default run as it allows (`
 Evaluation: the same held-out protocol for both (``Generator.evaluate``: 18 problems, greedy and
 8 samples at T=0.7, the engine seeded): agro_dist's run evaluates itself every 10 steps (in sync
 mode overlapping the next learner step); TRL's model is saved at the same steps (time spent saving
-is not counted) and evaluated afterwards with ``python -m agro_dist.evaluate --config`` of the
-agro_dist run, so TRL's evaluations cost it no training time.
+is not counted) and evaluated afterwards with ``python -m agro_dist.evaluate`` (the default config:
+the default run's task, held-out problems, temperature and seed), so TRL's evaluations cost it no
+training time.
 
 Printed per system: seconds per step (median after the first 2), completion tokens generated per
 second of step, peak whole-machine memory (``free``'s used, above what was used before), held-out
@@ -211,7 +212,7 @@ def run_agro(out: str, steps: int, eval_every: int) -> Dict[str, Any]:
                 split=split, config=os.path.join(out, "config.yaml"))
 
 
-def run_trl(out: str, steps: int, eval_every: int, generation: str, eval_config: str) -> Dict[str, Any]:
+def run_trl(out: str, steps: int, eval_every: int, generation: str) -> Dict[str, Any]:
     os.makedirs(out, exist_ok=True)
     spec = dict(out=out, steps=steps, eval_every=eval_every, generation=generation)
     res = run_measured([sys.executable, "-m", "agro_dist.bench_trl", "--trl-worker", json.dumps(spec)], out + ".log")
@@ -225,7 +226,8 @@ def run_trl(out: str, steps: int, eval_every: int, generation: str, eval_config:
         folder = os.path.join(out, f"step_{step:05d}")
         j = os.path.join(out, f"eval_{step:05d}.json")
         if not os.path.exists(j):
-            r = subprocess.run([sys.executable, "-m", "agro_dist.evaluate", "--model", folder, "--config", eval_config, "--out", j],
+            # No --config: the defaults are the default run's (its command overrides only run.*).
+            r = subprocess.run([sys.executable, "-m", "agro_dist.evaluate", "--model", folder, "--out", j],
                                capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"evaluating {folder} failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
@@ -243,35 +245,38 @@ def time_to(evals: List[Dict[str, float]], target: float) -> Optional[float]:
     return None
 
 
+def _round(key: str) -> int:
+    return int(key.rsplit("-r", 1)[1].split("-")[0])
+
+
 def report(results: Dict[str, Any]) -> None:
     runs = results["runs"]
     systems = sorted({r["system"] for r in runs.values()}, key=lambda s: (s != "agro_dist", s))
-    print(f"\n{'system':24} {'s/step':>7} {'gen tok/s':>9} {'peak GB':>8}   sampled accuracy at each evaluation (minutes of training)")
-    finals = {}
+    by_system = {s: sorted(((_round(k), r) for k, r in runs.items() if r["system"] == s), key=lambda x: x[0]) for s in systems}
+    print(f"\n{'system':16} {'round':>5} {'s/step':>7} {'gen tok/s':>9} {'peak GB':>8}   sampled accuracy at each evaluation (minutes of training)")
     for s in systems:
-        rs = [r for r in runs.values() if r["system"] == s]
-        step = statistics.median(r["step_s"] for r in rs)
-        tok = statistics.median(r["gen_tok_s"] for r in rs)
-        peak = max(r["peak_gb"] for r in rs)
-        ev = rs[0]["evals"]
-        acc = " ".join(f"{100 * e['sampled']:.1f}%({e['elapsed_s'] / 60:.1f})" for e in ev)
-        finals[s] = [r["evals"][-1]["sampled"] for r in rs]
-        print(f"{s:24} {step:7.2f} {tok:9.1f} {peak:8.2f}   {acc}")
-    target = min(min(v) for v in finals.values())
-    base = None
-    print(f"\ntime to first reach {100 * target:.1f}% sampled accuracy (the lower final), minutes of training:")
+        for rnd, r in by_system[s]:
+            acc = " ".join(f"{100 * e['sampled']:.1f}%({e['elapsed_s'] / 60:.1f})" for e in r["evals"])
+            print(f"{s:16} {rnd:5d} {r['step_s']:7.2f} {r['gen_tok_s']:9.1f} {r['peak_gb']:8.2f}   {acc}")
+    # The target is the lowest final any run reached, so that every run reaches it.
+    target = min(r["evals"][-1]["sampled"] for r in runs.values())
+    med = {s: {k: statistics.median(r[k] for _, r in by_system[s]) for k in ("step_s", "gen_tok_s", "peak_gb")} for s in systems}
+    reach = {}
     for s in systems:
-        ts = [time_to(r["evals"], target) for r in runs.values() if r["system"] == s]
-        ts = [t for t in ts if t is not None]
-        t = statistics.median(ts) if ts else None
-        if s == "agro_dist":
-            base = t
-        ratio = f"  ({t / base:.2f}x agro_dist's time)" if s != "agro_dist" and t and base else ""
-        print(f"  {s:22} {t / 60:.1f}{ratio}" if t is not None else f"  {s:22} not reached")
-    agro = [r for r in runs.values() if r["system"] == "agro_dist"]
-    if agro:
-        sp = agro[0]["split"]
-        print("\nagro_dist's step (median s): " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in sp.items())
+        ts = [time_to(r["evals"], target) for _, r in by_system[s]]
+        reach[s] = statistics.median(ts) if ts and None not in ts else None
+    print(f"\nmedian over rounds; time to first reach {100 * target:.1f}% sampled (the lowest final of any run), minutes of training:")
+    base = "agro_dist" if "agro_dist" in systems else None
+    for s in systems:
+        line = f"  {s:16} {med[s]['step_s']:6.2f} s/step  {med[s]['gen_tok_s']:5.1f} tok/s  {med[s]['peak_gb']:5.2f} GB  "
+        line += f"reached in {reach[s] / 60:.1f} min" if reach[s] is not None else "not reached in every round"
+        if base and s != base:
+            line += f"   agro_dist is {med[s]['step_s'] / med[base]['step_s']:.2f}x faster per step"
+            if reach[s] and reach[base]:
+                line += f", {reach[s] / reach[base]:.2f}x faster to the target"
+        print(line)
+    for rnd, r in by_system.get("agro_dist", []):
+        print(f"\nagro_dist's step, round {rnd} (median s): " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r["split"].items())
               + "; evaluations overlap the next learner step and are not in the split")
 
 
@@ -304,15 +309,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             if key in results["runs"]:
                 continue
             print(f"{time.strftime('%H:%M:%S')} round {rnd}: {s}", flush=True)
-            agro_cfg = next((r["config"] for r in results["runs"].values() if r["system"] == "agro_dist"), None)
             if s == "agro_dist":
                 r = run_agro(os.path.join(out, f"agro-r{rnd}"), a.steps, a.eval_every)
             else:
-                if agro_cfg is None:  # TRL's models are evaluated as the agro_dist run evaluates
-                    r0 = run_agro(os.path.join(out, f"agro-r{rnd}"), a.steps, a.eval_every)
-                    results["runs"][f"agro_dist-r{rnd}-s{a.steps}"] = dict(r0, system="agro_dist")
-                    agro_cfg = r0["config"]
-                r = run_trl(os.path.join(out, f"{s}-r{rnd}"), a.steps, a.eval_every, s.split("-", 1)[1], agro_cfg)
+                r = run_trl(os.path.join(out, f"{s}-r{rnd}"), a.steps, a.eval_every, s.split("-", 1)[1])
+            r["round"] = rnd
             results["runs"][key] = dict(r, system=s)
             with open(path + ".tmp", "w") as f:
                 json.dump(results, f, indent=1)
