@@ -243,6 +243,7 @@ class Generator:
         return self._eval_tasks[key]
 
     def _evaluate(self, size: Optional[int], samples: int, task, scorer) -> Dict[str, float]:
+        t0 = time.perf_counter()
         problems = task.eval_set(size)
         fit = [p for p in problems if self._fits(p, task)]
         if len(fit) < len(problems):  # counted apart: the accuracy is over the problems that fit
@@ -260,6 +261,7 @@ class Generator:
                 correct += sum(scores)
                 total += len(scores)
             out[f"{mode}_accuracy"] = correct / max(total, 1)
+        out["eval_s"] = time.perf_counter() - t0  # its own time: eval.csv's eval_s
         return out
 
     def close(self) -> None:

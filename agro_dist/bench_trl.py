@@ -23,11 +23,12 @@ backend asked for. TRL is configured as close to the default run as it allows (`
   packed copies, so the sync is patched to vLLM's ``reload_weights``, as our generator does).
 
 Evaluation: the same held-out protocol for both (``Generator.evaluate``: 18 problems, greedy and
-8 samples at T=0.7, the engine seeded): agro_dist's run evaluates itself every 10 steps (in sync
-mode overlapping the next learner step); TRL's model is saved at the same steps (time spent saving
-is not counted) and evaluated afterwards with ``python -m agro_dist.evaluate`` (the default config:
-the default run's task, held-out problems, temperature and seed), so TRL's evaluations cost it no
-training time.
+8 samples at T=0.7, the engine seeded). agro_dist's run evaluates itself every 10 steps, between
+steps (generator 0, on this CPU machine): an evaluation counts at the time its step ended, the
+later steps carry its time, and the first one (before step 1) is taken off the clock (``eval_s`` in
+eval.csv). TRL's model is saved at the same steps (time spent saving is not counted)
+and evaluated afterwards with ``python -m agro_dist.evaluate`` (the default config: the default
+run's task, held-out problems, temperature and seed), so TRL's evaluations cost it no training time.
 
 Printed per system: seconds per step (median after the first 2), completion tokens generated per
 second of step, peak whole-machine memory (``free``'s used, above what was used before), held-out
@@ -198,6 +199,11 @@ def run_agro(out: str, steps: int, eval_every: int) -> Dict[str, Any]:
     res = run_measured(cmd, out + ".log")
     if res["rc"] != 0:
         raise RuntimeError(f"agro_dist run failed (exit {res['rc']}): see {out}.log")
+    return read_agro(out, res)
+
+
+def read_agro(out: str, res: Dict[str, Any]) -> Dict[str, Any]:
+    """The measures of a finished agro_dist run in ``out``, with ``run_measured``'s ``res``."""
     train = list(csv.DictReader(open(os.path.join(out, "train.csv"))))
     evals = list(csv.DictReader(open(os.path.join(out, "eval.csv"))))
     el = [float(r["elapsed_s"]) for r in train]
@@ -206,9 +212,17 @@ def run_agro(out: str, steps: int, eval_every: int) -> Dict[str, Any]:
     split = {k: _median_after([float(r[k] or 0.0) for r in train]) for k in
              ("generate_s", "reward_s", "ref_s", "policy_s", "optimizer_s", "weight_sync_s")}
     split["other_s"] = _median_after(step_s) - sum(split.values())
+    # An evaluation's time is when its step ended (as TRL's: when its model was saved), not when
+    # the run recorded it (the same on CPU, where it runs between steps; later where it runs beside
+    # the learner). The run's clock also counts its first evaluation, which it waits for before
+    # step 1 (TRL's saves cost it nothing): its own time (eval_s) is taken off. The later ones stay
+    # on agro_dist's clock: the steps after each start that much later.
+    first = next((e for e in evals if int(e["step"]) == 0), None)
+    before = float(first.get("eval_s") or 0.0) if first else 0.0
+    step_end = {int(r["step"]): float(r["elapsed_s"]) - before for r in train}
     return dict(res, step_s=_median_after(step_s), gen_tok_s=_median_after([t / s for t, s in zip(comp_tok, step_s)]),
-                evals=[dict(step=int(e["step"]), elapsed_s=float(e["elapsed_s"]), sampled=float(e["sampled_accuracy"]),
-                            greedy=float(e["greedy_accuracy"])) for e in evals],
+                evals=[dict(step=int(e["step"]), elapsed_s=step_end.get(int(e["step"]), 0.0), recorded_s=float(e["elapsed_s"]),
+                            sampled=float(e["sampled_accuracy"]), greedy=float(e["greedy_accuracy"])) for e in evals],
                 split=split, config=os.path.join(out, "config.yaml"))
 
 
@@ -277,7 +291,7 @@ def report(results: Dict[str, Any]) -> None:
         print(line)
     for rnd, r in by_system.get("agro_dist", []):
         print(f"\nagro_dist's step, round {rnd} (median s): " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r["split"].items())
-              + "; evaluations overlap the next learner step and are not in the split")
+              + "; evaluations (between steps) are not in the split")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -29,7 +29,9 @@ TRAIN_COLUMNS = [
     # forward+backward and optimizer (within step_s).
     "generate_s", "reward_s", "ref_s", "policy_s", "optimizer_s",
 ]
-EVAL_COLUMNS = ["step", "version", "samples", "elapsed_s", "greedy_accuracy", "sampled_accuracy", "eval_problems"]
+# elapsed_s: the run's clock at its step's end where the evaluation runs between steps (sync runs on CPU, an eval
+# actor sharing the cores), when it was collected where it runs beside training; eval_s: the evaluation's own time.
+EVAL_COLUMNS = ["step", "version", "samples", "elapsed_s", "greedy_accuracy", "sampled_accuracy", "eval_problems", "eval_s"]
 STALENESS_BOUNDARIES = [0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5]  # histogram buckets: 0, 1, 2, 3, 4, 5-8, 9-16, more
 
 # Gauges on the Ray dashboard: name -> (column, description).

@@ -103,6 +103,7 @@ def test_evaluation_reports_greedy_and_sampled_accuracy(gen):
     r = gen.evaluate(size=8, samples=2)
     assert r["eval_problems"] == 8 and r["version"] == gen.version
     assert 0.0 <= r["greedy_accuracy"] <= 1.0 and 0.0 <= r["sampled_accuracy"] <= 1.0
+    assert 0.0 < r["eval_s"] < 600  # its own seconds, eval.csv's eval_s
 
 
 @pytest.fixture(scope="module")

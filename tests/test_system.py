@@ -125,6 +125,7 @@ def _check_run(p, run_dir, model, steps):
     assert [int(r["version"]) for r in rows] == list(range(1, steps + 1))  # one applied update per step
     ev = _rows(os.path.join(run_dir, "eval.csv"))
     assert int(ev[0]["version"]) == 0 and int(ev[-1]["version"]) == steps  # before and after
+    assert all(float(r["eval_s"]) > 0 for r in ev)  # each evaluation's own seconds
     assert os.path.getsize(os.path.join(run_dir, "training.png")) > 10_000
     assert glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))
     assert "held-out accuracy      before   after" in p.stdout
@@ -154,10 +155,13 @@ def test_sync_mode_is_on_policy_step_for_step(head, tiny_vllm_model, tmp_path):
         assert float(r["weight_sync_s"]) > 0
     b = summary["buffer"]
     assert b["put_groups"] == b["acked"] == 4 * 4 and b["fresh_backlog"] == 0 and b["stale_skipped"] == 0
-    # Generator 0 evaluates (no eval actor): the evaluation after step 2 runs while step 3 trains,
-    # on the weights of step 2 (eval_every 2).
+    # Generator 0 evaluates (no eval actor), on the weights of step 2 (eval_every 2), and on CPU it
+    # takes its turn between steps: its row is written before step 3 starts (one beside step 3's
+    # learner, as with a GPU of its own, is collected after step 3).
     assert "(generator 0 evaluates)" in p.stdout and "eval on" not in p.stdout
     assert [(int(r["step"]), int(r["version"])) for r in _rows(tmp_path / "sync" / "eval.csv")] == [(0, 0), (2, 2), (4, 4)]
+    evals = {int(r["step"]): float(r["elapsed_s"]) for r in _rows(tmp_path / "sync" / "eval.csv")}
+    assert evals[2] < float(rows[2]["elapsed_s"]) - float(rows[2]["step_s"]), (evals, rows[2])
     # The exported model is usable on its own: tokenizer + chat template + a model card in hf/, and
     # transformers and vLLM, given only the folder, agree on a greedy completion.
     hf = _final_hf(tmp_path / "sync")
