@@ -1,4 +1,4 @@
-"""The replay buffer: groups of completions in Redis, as Arrow IPC, sampled with a replay probability.
+"""The replay buffer: groups of completions in Redis, as Arrow IPC, sampled with a replay ratio.
 
 Layout in Redis (all keys share the hash tag ``{name}`` so the Lua scripts work on a cluster):
 
@@ -8,17 +8,24 @@ Layout in Redis (all keys share the hash tag ``{name}`` so the Lua scripts work 
   goes to exactly one consumer and stays *pending* until acked; if its consumer dies it is
   re-delivered (``XAUTOCLAIM`` after ``claim_idle_s``; a consumer restarted under the same name
   re-reads its own pending entries first).
-- ``{name}:hist:z`` (ZSET of entry ids, score = arrival order) and ``{name}:hist:size`` (HASH
-  id -> bytes): the replay history, i.e. the groups consumed so far. ``ack`` moves entries
-  into it atomically (Lua: ``XACK`` + ``ZADD``) and evicts the oldest beyond
-  ``history_max_groups`` / ``history_max_bytes`` (``XDEL``). Replay draws are uniform: the
-  client draws ``u ~ U[0,1)`` from its seeded RNG and the script takes rank ``floor(u * size)``.
-- ``{name}:stats``: counters (HASH) for monitoring; ``{name}:dead``: corrupt payloads, kept
-  for inspection (capped stream).
+- ``{name}:hist:z`` (ZSET of entry ids, score = policy version x 2^32 + arrival order) and
+  ``{name}:hist:size`` (HASH id -> bytes): the replay history, i.e. the groups a learner
+  **trained on**. ``ack`` moves entries into it atomically (Lua: ``XACK`` + ``ZADD``) and evicts
+  the oldest versions beyond ``history_max_groups`` / ``history_max_bytes`` (``XDEL``). Fresh
+  groups skipped as too stale are deleted, counted (``stale_skipped``), never replayed: they were
+  never trained on.
+- ``{name}:hist:uses`` (HASH id -> times replayed, with ``replay_max_uses``), ``{name}:drawn``
+  (SET: the groups replayed in the current batch, so that learner ranks draw disjoint groups),
+  ``{name}:stats`` (counters for monitoring), ``{name}:dead`` (corrupt payloads, capped stream).
 
-Sampling (``sample(num_groups, p)``): each slot independently is a replayed group with
-probability ``p``, else the oldest fresh group not yet taken. ``p = 0`` streams on-policy
-data, ``p = 1`` replays only (fresh data is used while the history is still empty).
+Sampling (``sample(num_groups, p)``): exactly ``replay_count(p, num_groups, k)`` slots of the
+k-th batch are replayed groups (the rounding keeps the long-run fraction exactly ``p``), the rest
+the oldest fresh groups not yet taken; a caller that plans batches itself (the driver) passes
+``replay_groups``. Replayed groups are drawn without replacement within a batch from the
+*replay window* (groups at most ``replay_window`` versions older than ``current_version``; 0 =
+the whole history), uniformly or recency-weighted (``replay_weighting``); a group replayed
+``replay_max_uses`` times leaves the history. When the window holds fewer groups than asked,
+fresh groups stand in (counted ``replay_unavailable``).
 
 One ``ReplayBuffer`` object per thread; any number of processes and machines may share a
 buffer through the same Redis and ``name``.
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import random
 import socket
@@ -47,19 +55,20 @@ log = logging.getLogger("agro_dist.buffer")
 
 CONSUMER_GROUP = "learners"
 
-# KEYS: stream, hist_z, hist_size, stats. ARGV: group, max_count, max_bytes, counter, id1, size1, ...
-# Ack entries and add them to the history (their payload stays where it is), then evict the
-# oldest beyond the caps. XACK returns 0 for an entry no longer pending (acked already by a
-# consumer that reclaimed it): it is in the history already and must not enter twice.
+# KEYS: stream, hist_z, hist_size, stats, uses. ARGV: group, max_count, max_bytes, counter, id1, size1,
+# version1, ... Ack entries and add them to the history (their payload stays where it is; the
+# score is policy version x 2^32 + arrival: by version, then in order of arrival), then evict the oldest versions beyond the caps. XACK
+# returns 0 for an entry no longer pending (acked already by a consumer that reclaimed it): it is
+# in the history already and must not enter twice.
 _ACK_ARCHIVE = """
-local stream, z, sizes, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local stream, z, sizes, stats, uses = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local grp, max_count, max_bytes, counter = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local archived = 0
-for i = 5, #ARGV, 2 do
-  local id, size = ARGV[i], tonumber(ARGV[i + 1])
+for i = 5, #ARGV, 3 do
+  local id, size, version = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   if redis.call('XACK', stream, grp, id) == 1 then
     local seq = redis.call('HINCRBY', stats, 'hist_seq', 1)
-    redis.call('ZADD', z, seq, id)
+    redis.call('ZADD', z, version * 4294967296 + seq, id)
     redis.call('HSET', sizes, id, size)
     redis.call('HINCRBY', stats, 'history_bytes', size)
     redis.call('HINCRBY', stats, 'fresh_bytes', -size)
@@ -74,6 +83,7 @@ while true do
   local m = redis.call('ZPOPMIN', z)[1]
   redis.call('HINCRBY', stats, 'history_bytes', -tonumber(redis.call('HGET', sizes, m) or '0'))
   redis.call('HDEL', sizes, m)
+  redis.call('HDEL', uses, m)
   redis.call('XDEL', stream, m)
   evicted = evicted + 1
 end
@@ -82,16 +92,55 @@ if archived > 0 then redis.call('HINCRBY', stats, counter, archived) end
 return {archived, evicted}
 """
 
-# KEYS: hist_z, stream. ARGV: u_1..u_k in [0, 1). Returns id, payload pairs (none if empty).
+# KEYS: hist_z, stream, hist_size, stats, uses, drawn, drawn_tag. ARGV: min_version ('-inf': the
+# whole history), max_uses (0: no cap), batch tag ('': none), e, ids drawn already by this call
+# (e of them), u_1..u_k in [0, 1).
+# Groups older than the window can never be replayed again: they are evicted first. Each u picks
+# a position in the window (oldest first); a group already drawn for this batch (by this call, or
+# by another learner rank under the same tag) is passed over for the next one, so draws are
+# without replacement within a batch. A group drawn max_uses times leaves the history. Returns
+# id, payload pairs: fewer than asked when the window runs out.
 _REPLAY_DRAW = """
-local n = redis.call('ZCARD', KEYS[1])
+local z, stream, sizes, stats, uses, drawn, tagk = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local minv, maxu, tag = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local function drop(m)
+  redis.call('HINCRBY', stats, 'history_bytes', -tonumber(redis.call('HGET', sizes, m) or '0'))
+  redis.call('HDEL', sizes, m)
+  redis.call('HDEL', uses, m)
+  redis.call('ZREM', z, m)
+  redis.call('XDEL', stream, m)
+end
+if minv ~= '-inf' then
+  local old = redis.call('ZRANGEBYSCORE', z, '-inf', '(' .. minv)
+  for _, m in ipairs(old) do drop(m) end
+  if #old > 0 then redis.call('HINCRBY', stats, 'evicted_window', #old) end
+end
+if tag ~= '' and redis.call('GET', tagk) ~= tag then
+  redis.call('DEL', drawn)
+  redis.call('SET', tagk, tag)
+end
+local picked = {}
+local e = tonumber(ARGV[4])
+for i = 5, 4 + e do picked[ARGV[i]] = true end
 local out = {}
-if n == 0 then return out end
-for i = 1, #ARGV do
-  local idx = math.floor(tonumber(ARGV[i]) * n)
-  if idx >= n then idx = n - 1 end
-  local m = redis.call('ZRANGE', KEYS[1], idx, idx)[1]
-  local e = redis.call('XRANGE', KEYS[2], m, m)
+local retired = 0
+for i = 5 + e, #ARGV do
+  local n = redis.call('ZCARD', z)
+  local nw = redis.call('ZCOUNT', z, minv, '+inf')
+  if nw == 0 then break end
+  local first = n - nw
+  local off = math.floor(tonumber(ARGV[i]) * nw)
+  if off >= nw then off = nw - 1 end
+  local m = nil
+  for t = 0, nw - 1 do
+    local k = first + (off + t) % nw
+    local c = redis.call('ZRANGE', z, k, k)[1]
+    if not picked[c] and (tag == '' or redis.call('SISMEMBER', drawn, c) == 0) then m = c break end
+  end
+  if m == nil then break end
+  picked[m] = true
+  if tag ~= '' then redis.call('SADD', drawn, m) end
+  local e = redis.call('XRANGE', stream, m, m)
   local payload = ''
   if #e == 1 then
     local f = e[1][2]
@@ -99,9 +148,33 @@ for i = 1, #ARGV do
   end
   out[#out + 1] = m
   out[#out + 1] = payload
+  if maxu > 0 and redis.call('HINCRBY', uses, m, 1) >= maxu then
+    drop(m)
+    retired = retired + 1
+  end
 end
+if retired > 0 then redis.call('HINCRBY', stats, 'retired', retired) end
 return out
 """
+
+# KEYS: hist_z. ARGV: min_version. How many groups the replay window holds now.
+_REPLAYABLE = "return redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf')"
+
+
+# History scores: policy version x 2^32 + arrival (exact in a double up to version 2^21).
+VERSION_SCORE = 1 << 32
+
+
+def replay_count(p: float, slots: int, index: int) -> int:
+    """Replayed slots of the ``index``-th batch of ``slots`` at replay ratio ``p``.
+
+    ``round((index + 1) p slots) - round(index p slots)`` (halves rounded up): every batch gets
+    ``floor(p slots)`` or one more, and after k batches exactly ``round(k p slots)`` slots were
+    replayed, so the long-run fraction is exactly ``p`` (p 0.3 of 8 slots: 2, 3, 2, 3, 2, ...).
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    return math.floor((index + 1) * p * slots + 0.5) - math.floor(index * p * slots + 0.5)
 
 
 class BufferTimeout(TimeoutError):
@@ -152,6 +225,9 @@ class BufferConfig:
     replay_prob: float = 0.0
     history_max_groups: int = 10_000
     history_max_bytes: int = 2 << 30
+    replay_window: int = 0  # versions: replay groups at most this much older than current_version; 0 = all
+    replay_weighting: str = "uniform"  # or "recency": chance grows linearly with position in the window
+    replay_max_uses: int = 0  # a group replayed this many times leaves the history; 0 = no cap
     max_staleness: Optional[int] = None
     when_empty: str = "wait"  # "wait": block up to timeout_s, then raise; "replay": serve history
     timeout_s: float = 60.0
@@ -188,6 +264,10 @@ class ReplayBuffer:
             raise ValueError(f"when_empty must be 'wait' or 'replay', got {cfg.when_empty!r}")
         if cfg.max_staleness is not None and cfg.max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0 or None, got {cfg.max_staleness}")
+        if cfg.replay_weighting not in ("uniform", "recency"):
+            raise ValueError(f"replay_weighting must be 'uniform' or 'recency', got {cfg.replay_weighting!r}")
+        if cfg.replay_window < 0 or cfg.replay_max_uses < 0:
+            raise ValueError(f"replay_window and replay_max_uses must be >= 0, got {cfg.replay_window}, {cfg.replay_max_uses}")
         self.server: Optional[RedisServer] = None
         if redis_url is None:
             self.server = RedisServer(run_dir, **(server_kwargs or {})).start()
@@ -198,12 +278,15 @@ class ReplayBuffer:
         tag = "{" + cfg.name + "}"
         self.k_stream, self.k_hz, self.k_hsize = f"{tag}:groups", f"{tag}:hist:z", f"{tag}:hist:size"
         self.k_stats, self.k_dead = f"{tag}:stats", f"{tag}:dead"
+        self.k_uses, self.k_drawn, self.k_drawn_tag = f"{tag}:hist:uses", f"{tag}:drawn", f"{tag}:drawn:tag"
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
-        self.rng = random.Random(cfg.seed)
+        # Each consumer its own stream of draws (two learner ranks must not draw alike).
+        self.rng = random.Random(None if cfg.seed is None else f"{cfg.seed}:{self.consumer}")
+        self._slots_served = 0  # slots asked for so far without replay_groups (exact p over calls)
         self._sha: Dict[str, str] = {}
         self._load_scripts()
         self._carry: collections.deque = collections.deque()  # taken, not yet handed out
-        self._inflight: Dict[str, int] = {}  # handed out, not yet acked: id -> bytes
+        self._inflight: Dict[str, tuple] = {}  # handed out, not yet acked: id -> (bytes, policy version)
         self._counts: collections.Counter = collections.Counter()  # not yet sent
         self._recovered = False
         self._next_claim = 0.0
@@ -220,7 +303,8 @@ class ReplayBuffer:
         return self.server.url if self.server else self.url
 
     def _load_scripts(self) -> None:
-        self._sha = {"ack": self.r.script_load(_ACK_ARCHIVE), "draw": self.r.script_load(_REPLAY_DRAW)}
+        self._sha = {"ack": self.r.script_load(_ACK_ARCHIVE), "draw": self.r.script_load(_REPLAY_DRAW),
+                     "replayable": self.r.script_load(_REPLAYABLE)}
 
     def _run(self, build) -> list:
         """Execute a pipeline built by ``build(pipe)``; reload the Lua scripts and retry once
@@ -257,7 +341,7 @@ class ReplayBuffer:
         groups = list(groups)
         try:
             if all(isinstance(g, Group) for g in groups):
-                encoded = list(zip(encode_groups(groups), [g.policy_version for g in groups]))
+                encoded = list(zip(encode_groups(groups), [g.policy_version for g in groups], [g.n for g in groups]))
             else:
                 encoded = [self._encode_one(i, g) for i, g in enumerate(groups)]
         except RecordError:
@@ -265,10 +349,11 @@ class ReplayBuffer:
             self._run(lambda pipe: None)
             raise
         pipe = self.r.pipeline(transaction=True)
-        for blob, version in encoded:
+        for blob, version, _ in encoded:
             pipe.xadd(self.k_stream, {"d": memoryview(blob), "v": int(version)})
-        nbytes = sum(b.size for b, _ in encoded)
+        nbytes = sum(b.size for b, _, _ in encoded)
         pipe.hincrby(self.k_stats, "put_groups", len(encoded))
+        pipe.hincrby(self.k_stats, "put_completions", sum(n for _, _, n in encoded))
         pipe.hincrby(self.k_stats, "put_bytes", nbytes)
         pipe.hincrby(self.k_stats, "fresh_bytes", nbytes)
         res = pipe.execute()
@@ -285,8 +370,8 @@ class ReplayBuffer:
                 row = rows_to_groups(g)[0]  # checks the content
                 if isinstance(row, RecordError):
                     raise row
-                return blob, row.policy_version
-            return encode_groups([g])[0], g.policy_version
+                return blob, row.policy_version, row.n
+            return encode_groups([g])[0], g.policy_version, g.n
         except RecordError as e:
             field = e.field.split(".", 1)[1] if e.field.startswith("groups[") else e.field
             raise RecordError(f"groups[{i}].{field}", str(e).split(": ", 1)[1]) from None
@@ -298,17 +383,25 @@ class ReplayBuffer:
         num_groups: int,
         p: Optional[float] = None,
         *,
+        replay_groups: Optional[int] = None,
+        batch_index: Optional[int] = None,
         current_version: Optional[int] = None,
         timeout_s: Optional[float] = None,
     ) -> SampleBatch:
-        """``num_groups`` whole groups: each slot replayed with probability ``p``, else fresh.
+        """``num_groups`` whole groups: ``replay_groups`` replayed (default: ``replay_count(p,
+        ...)``, exact over calls), the rest fresh; replayed ones come last.
 
         Fresh groups come oldest first. With ``max_staleness`` and ``current_version``, fresh
-        groups more than ``max_staleness`` versions old are skipped (counted; they join the
-        history). When fresh data is short: ``when_empty="wait"`` blocks up to ``timeout_s``
-        then raises ``BufferTimeout`` (groups already taken are kept for the next call);
-        ``"replay"`` fills the slots from the history at once (counted). The common case is
-        one round trip to Redis (plus one blocking read when fresh data has to be waited for).
+        groups more than ``max_staleness`` versions old are skipped (counted, deleted). Replayed
+        groups come from the replay window (``replay_window`` versions behind
+        ``current_version``), drawn without replacement within the batch; ``batch_index`` (the
+        learner's step) makes the draws of every consumer sharing it disjoint and seeds this
+        consumer's draws for that batch (a restarted learner continues its stream, it does not
+        repeat it). When the window is short, fresh groups stand in (``replay_unavailable``).
+        When fresh data is short: ``when_empty="wait"`` blocks up to ``timeout_s`` then raises
+        ``BufferTimeout`` (groups already taken are kept for the next call); ``"replay"`` fills
+        the slots from the history at once (``fresh_substituted``). The common case is one round
+        trip to Redis (plus one blocking read when fresh data has to be waited for).
         """
         cfg = self.config
         p = cfg.replay_prob if p is None else float(p)
@@ -316,19 +409,25 @@ class ReplayBuffer:
             raise ValueError(f"p must be in [0, 1], got {p}")
         if num_groups < 1:
             raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+        if replay_groups is None:
+            # replay_count's rounding over all slots served so far: exact p whatever the batch sizes.
+            n_replay = math.floor((self._slots_served + num_groups) * p + 0.5) - math.floor(self._slots_served * p + 0.5)
+            self._slots_served += num_groups
+        else:
+            n_replay = int(replay_groups)
+            if not 0 <= n_replay <= num_groups:
+                raise ValueError(f"replay_groups must be in [0, {num_groups}], got {replay_groups}")
         timeout_s = cfg.timeout_s if timeout_s is None else timeout_s
         t0 = time.monotonic()
         counts = self._counts
         if not self._recovered:
             self._recover_own_pending(current_version)
-        slots = ["replay" if self.rng.random() < p else "fresh" for _ in range(num_groups)]
-        fresh: List[SampledGroup] = []
-        want = slots.count("fresh")
-        fresh += self._from_carry(want, current_version)
+        rng = self.rng if batch_index is None or cfg.seed is None else random.Random(f"{cfg.seed}:{self.consumer}:{batch_index}")
+        want = num_groups - n_replay
+        fresh: List[SampledGroup] = list(self._from_carry(want, current_version))
         need = want - len(fresh)
-        n_replay = num_groups - want
         claim = time.monotonic() >= self._next_claim
-        us = [repr(self.rng.random()) for _ in range(n_replay)]
+        draw_args = self._draw_args(n_replay, rng, current_version, batch_index)
 
         def build(pipe):
             mine = list(self._inflight) + [it.entry_id for it in self._carry]
@@ -343,7 +442,7 @@ class ReplayBuffer:
             if need:
                 pipe.xreadgroup(CONSUMER_GROUP, self.consumer, {self.k_stream: ">"}, count=need)
             if n_replay:
-                pipe.evalsha(self._sha["draw"], 2, self.k_hz, self.k_stream, *us)
+                pipe.evalsha(self._sha["draw"], *draw_args)
 
         res = self._run(build)
         res = res[len(res) - (1 + claim + bool(need) + bool(n_replay)):]  # drop counter/heartbeat replies
@@ -356,12 +455,15 @@ class ReplayBuffer:
         if need:
             got = res[1 + claim]
             entries += got[0][1] if got else []
-        replay_raw = res[-1] if n_replay else []
+        replay = self._decode_replay(res[-1] if n_replay else [], current_version)
+        if len(replay) < n_replay:
+            short = n_replay - len(replay)
+            # Corrupt payloads were dead-lettered: draw again. A window that ran out: fresh stands in.
+            replay += self._draw_replay(short, current_version, rng, batch_index, [it.entry_id for it in replay])
+            if len(replay) < n_replay:
+                counts["replay_unavailable"] += n_replay - len(replay)
+                want += n_replay - len(replay)
         fresh += self._accept(entries, current_version)
-        if n_replay and not replay_raw:  # no history yet: those slots take fresh data
-            counts["replay_unavailable"] += n_replay
-            slots = ["fresh"] * num_groups
-            want = num_groups
         wait = cfg.when_empty == "wait" or hist_size == 0
         deadline = t0 + timeout_s
         while len(fresh) < want and wait and time.monotonic() < deadline:
@@ -377,23 +479,41 @@ class ReplayBuffer:
                     f"buffer {cfg.name!r}: {len(fresh)} of {want} fresh groups after {timeout_s:.1f}s "
                     f"(when_empty='wait'); producers may be stalled or all data too stale"
                 )
-            counts["fresh_substituted"] += want - len(fresh)
-            for i in [i for i, s in enumerate(slots) if s == "fresh"][len(fresh):]:
-                slots[i] = "replay"
-        replay = self._decode_replay(replay_raw, current_version)
-        short = slots.count("replay") - len(replay)
-        if short > 0:
-            replay += self._draw_replay(short, current_version)
-        fresh_it, replay_it = iter(fresh), iter(replay)
-        items = [next(fresh_it) if s == "fresh" else next(replay_it) for s in slots]
+            short = want - len(fresh)
+            extra = self._draw_replay(short, current_version, rng, batch_index, [it.entry_id for it in replay])
+            if len(extra) < short:  # drawn groups are not lost: they stay in the history
+                self._carry.extendleft(reversed(fresh))
+                raise BufferTimeout(f"buffer {cfg.name!r}: replay history could not supply {short} groups")
+            replay += extra
+            counts["fresh_substituted"] += short
+        items = fresh + replay
+        for it in fresh:
+            self._inflight[it.entry_id] = (it.nbytes, it.group.policy_version)
         for it in items:
-            if it.source == "fresh":
-                self._inflight[it.entry_id] = it.nbytes
             if it.staleness is not None:  # fresh groups' staleness and replayed groups' age, kept apart
                 counts[f"{'stale' if it.source == 'fresh' else 'age'}:{it.staleness}"] += 1
         counts["served_fresh"] += len(fresh)
-        counts["served_replay"] += len(items) - len(fresh)
+        counts["served_replay"] += len(replay)
         return SampleBatch(items, waited_s=time.monotonic() - t0)
+
+    def _min_version(self, current_version: Optional[int]) -> str:
+        w = self.config.replay_window
+        return "-inf" if not w or current_version is None else str((int(current_version) - w) * VERSION_SCORE)
+
+    def _draw_args(self, k: int, rng: random.Random, current_version, batch_index, drawn: Sequence[str] = ()) -> list:
+        """The draw script's keys and arguments for k draws. Recency weighting draws the position
+        in the window as sqrt(u): its chance grows linearly from the oldest to the newest."""
+        us = [rng.random() for _ in range(k)]
+        if self.config.replay_weighting == "recency":
+            us = [math.sqrt(u) for u in us]
+        keys = [self.k_hz, self.k_stream, self.k_hsize, self.k_stats, self.k_uses, self.k_drawn, self.k_drawn_tag]
+        tag = "" if batch_index is None else str(int(batch_index))
+        return [len(keys), *keys, self._min_version(current_version), self.config.replay_max_uses, tag, len(drawn), *drawn,
+                *map(repr, us)]
+
+    def replayable(self, current_version: Optional[int] = None) -> int:
+        """How many groups the replay window holds now (the most one batch can replay)."""
+        return int(self._run(lambda pipe: pipe.evalsha(self._sha["replayable"], 1, self.k_hz, self._min_version(current_version)))[-1])
 
     def ack(self, batch: Union[SampleBatch, Sequence[str]]) -> int:
         """Mark a batch's fresh groups as trained on; they join the replay history.
@@ -402,23 +522,39 @@ class ReplayBuffer:
         already). Takes a ``SampleBatch`` or the entry ids of groups this object handed out.
         """
         if isinstance(batch, SampleBatch):
-            pairs = [(it.entry_id, it.nbytes) for it in batch.items if it.source == "fresh"]
+            triples = [(it.entry_id, it.nbytes, it.group.policy_version) for it in batch.items if it.source == "fresh"]
         else:
-            pairs = [(i, self._inflight.get(i, 0)) for i in batch]
-        if not pairs:
+            triples = [(i, *self._inflight.get(i, (0, 0))) for i in batch]
+        if not triples:
             return 0
-        archived, _ = self._archive(pairs, "acked")
-        for i, _ in pairs:
+        archived, _ = self._archive(triples, "acked")
+        for i, _, _ in triples:
             self._inflight.pop(i, None)
         return archived
 
-    def _archive(self, pairs, counter: str):
+    def _archive(self, triples, counter: str):
+        """(id, bytes, policy version) of trained groups into the history."""
         cfg = self.config
         args = [CONSUMER_GROUP, cfg.history_max_groups, cfg.history_max_bytes, counter]
-        for eid, size in pairs:
-            args += [eid, size]
-        keys = [self.k_stream, self.k_hz, self.k_hsize, self.k_stats]
+        for eid, size, version in triples:
+            args += [eid, size, int(version)]
+        keys = [self.k_stream, self.k_hz, self.k_hsize, self.k_stats, self.k_uses]
         return self._run(lambda pipe: pipe.evalsha(self._sha["ack"], len(keys), *keys, *args))[-1]
+
+    def _discard_stale(self, pairs) -> None:
+        """Fresh groups too stale to train on: acked and deleted, counted, never replayed (the
+        history holds only what a learner trained on)."""
+        if not pairs:
+            return
+        ids = [eid for eid, _ in pairs]
+
+        def build(pipe):
+            pipe.xack(self.k_stream, CONSUMER_GROUP, *ids)
+            pipe.xdel(self.k_stream, *ids)
+            pipe.hincrby(self.k_stats, "fresh_bytes", -sum(n for _, n in pairs))
+            pipe.hincrby(self.k_stats, "stale_skipped", len(ids))
+
+        self._run(build)
 
     def _from_carry(self, k: int, current_version) -> List[SampledGroup]:
         """Up to k groups taken earlier; re-checked for staleness, since the policy version may
@@ -433,8 +569,7 @@ class ReplayBuffer:
                     stale.append((it.entry_id, it.nbytes))
                     continue
             out.append(it)
-        if stale:
-            self._archive(stale, "stale_skipped")
+        self._discard_stale(stale)
         return out
 
     def _recover_own_pending(self, current_version) -> None:
@@ -475,8 +610,7 @@ class ReplayBuffer:
                     stale.append((eid, len(fields[b"d"])))
                     continue
             keep.append((eid, fields[b"d"]))
-        if stale:
-            self._archive(stale, "stale_skipped")
+        self._discard_stale(stale)
         return self._decode(keep, "fresh", current_version)
 
     def _decode(self, pairs, source: str, current_version) -> List[SampledGroup]:
@@ -493,18 +627,21 @@ class ReplayBuffer:
         pairs = [(m.decode(), b) for m, b in zip(raw[0::2], raw[1::2])]
         return self._decode(pairs, "replay", current_version)
 
-    def _draw_replay(self, k: int, current_version) -> List[SampledGroup]:
-        """Draw until k good groups (corrupt ones are dead-lettered and drawn again)."""
+    def _draw_replay(self, k: int, current_version, rng: random.Random, batch_index, drawn: Sequence[str]) -> List[SampledGroup]:
+        """Up to k good groups from the window, none of ``drawn`` (this call's draws so far);
+        corrupt ones are dead-lettered and drawn again; fewer when the window runs out."""
         out: List[SampledGroup] = []
+        drawn = list(drawn)
         for _attempt in range(5):
-            us = [repr(self.rng.random()) for _ in range(k - len(out))]
-            raw = self._run(lambda pipe: pipe.evalsha(self._sha["draw"], 2, self.k_hz, self.k_stream, *us))[-1]
+            args = self._draw_args(k - len(out), rng, current_version, batch_index, drawn)
+            raw = self._run(lambda pipe: pipe.evalsha(self._sha["draw"], *args))[-1]
             if not raw:
                 break
+            drawn += [m.decode() for m in raw[0::2]]
             out += self._decode_replay(raw, current_version)
             if len(out) >= k:
-                return out
-        raise BufferTimeout(f"buffer {self.config.name!r}: replay history could not supply {k} groups")
+                break
+        return out
 
     def _dead_letter(self, eid: str, blob: bytes, why: str, *, source: str) -> None:
         log.error("buffer %r: corrupt %s group %s skipped: %s", self.config.name, source, eid, why)
@@ -518,6 +655,7 @@ class ReplayBuffer:
         else:
             pipe.zrem(self.k_hz, eid)
             pipe.hdel(self.k_hsize, eid)
+            pipe.hdel(self.k_uses, eid)
             pipe.hincrby(self.k_stats, "history_bytes", -len(blob))
         pipe.execute()
 
@@ -550,8 +688,9 @@ class ReplayBuffer:
             "replay_age_hist": dict(sorted(ages.items())),  # replayed groups served, by versions behind
             "dead_letters": dead,
         }
-        for k in ("put_groups", "put_bytes", "served_fresh", "served_replay", "acked", "rejected", "corrupt",
-                  "stale_skipped", "evicted", "redelivered", "timeouts", "replay_unavailable", "fresh_substituted"):
+        for k in ("put_groups", "put_completions", "put_bytes", "served_fresh", "served_replay", "acked", "rejected", "corrupt",
+                  "stale_skipped", "evicted", "evicted_window", "retired", "redelivered", "timeouts", "replay_unavailable",
+                  "fresh_substituted"):
             out[k] = c.get(k, 0)
         now = time.monotonic()
         if self._last_stats is not None:
@@ -567,7 +706,7 @@ class ReplayBuffer:
     def delete(self) -> None:
         """Remove every key of this buffer (tests, or starting a run afresh)."""
         self._counts.clear()
-        self.r.delete(self.k_stream, self.k_hz, self.k_hsize, self.k_stats, self.k_dead)
+        self.r.delete(self.k_stream, self.k_hz, self.k_hsize, self.k_stats, self.k_dead, self.k_uses, self.k_drawn, self.k_drawn_tag)
 
     def close(self) -> None:
         try:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 import redis
 
-from agro_dist.buffer import BufferTimeout, RedisServer, ReplayBuffer
+from agro_dist.buffer import BufferTimeout, RedisServer, ReplayBuffer, replay_count
 from agro_dist.records import RecordError, group_to_batch
 from groups import make_group
 
@@ -44,8 +44,18 @@ def test_fresh_groups_come_out_in_order_exactly_once(make_buffer):
     assert s["fresh_backlog"] == 0 and s["history_groups"] == 50 and s["acked"] == 50 and s["put_groups"] == 50
 
 
+def test_replay_count_is_exact_per_batch_and_over_batches():
+    for p in (0.0, 0.1, 0.25, 0.3, 0.5, 0.75, 1 / 3, 0.9, 1.0):
+        for slots in (1, 3, 8, 24):
+            ks = [replay_count(p, slots, i) for i in range(200)]
+            assert set(ks) <= {math.floor(p * slots), math.ceil(p * slots)}, (p, slots)
+            for i in range(1, 201):  # after i batches exactly round(i p slots) slots replayed
+                assert sum(ks[:i]) == math.floor(i * p * slots + 0.5)
+    assert [replay_count(0.3, 8, i) for i in range(5)] == [2, 3, 2, 3, 2]
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
-def test_replayed_fraction_matches_p_within_binomial_error(make_buffer, p):
+def test_replayed_fraction_is_p_exactly(make_buffer, p):
     buf = make_buffer(seed=1, when_empty="replay")
     fill_history(buf, 20)
     draws, slots = 300, 8
@@ -53,18 +63,13 @@ def test_replayed_fraction_matches_p_within_binomial_error(make_buffer, p):
     replayed = 0
     for _ in range(draws):
         b = buf.sample(slots, p=p, timeout_s=5)
+        assert b.num_replayed in (math.floor(p * slots), math.ceil(p * slots))
+        assert [it.source for it in b.items] == ["fresh"] * (slots - b.num_replayed) + ["replay"] * b.num_replayed
         replayed += b.num_replayed
         buf.ack(b)
-    N = draws * slots
-    frac = replayed / N
-    se = math.sqrt(p * (1 - p) / N)
-    print(f"\np = {p}: replayed {replayed}/{N} = {frac:.4f} (binomial s.e. {se:.4f})")
-    if p in (0.0, 1.0):
-        assert replayed == N * p
-    else:
-        assert abs(frac - p) < 4 * se
+    assert replayed == math.floor(draws * slots * p + 0.5)
     s = buf.stats()
-    assert s["fresh_substituted"] == 0  # fresh data never ran out: the fraction is p's doing
+    assert s["fresh_substituted"] == 0 and s["replay_unavailable"] == 0
 
 
 def chi_square_uniform(counts):
@@ -106,7 +111,7 @@ def test_history_eviction_keeps_the_newest_by_count_and_by_bytes(make_buffer):
     one = len(buf.sample(1, p=1.0).items[0].group.prompt) and buf.sample(1, p=1.0).items[0].nbytes
     buf2 = make_buffer(history_max_bytes=int(4.5 * one))
     fill_history(buf2, 12)
-    seen2 = {g.group_id for _ in range(100) for g in buf2.sample(10, p=1.0).groups}
+    seen2 = {g.group_id for _ in range(100) for g in buf2.sample(4, p=1.0).groups}
     assert seen2 == {f"g-99-{i}" for i in range(8, 12)}
     assert buf2.stats()["history_bytes"] <= 4.5 * one
 
@@ -121,13 +126,16 @@ def test_max_staleness_skips_old_fresh_groups_and_reports_staleness(make_buffer)
     s = buf.stats()
     assert s["stale_skipped"] == 3 and s["fresh_backlog"] == 0
     assert s["staleness_hist"] == {0: 1, 1: 1, 2: 1} and s["replay_age_hist"] == {}
-    # Skipped groups are not lost: they joined the replay history (AGRO can use them off-policy).
-    assert s["history_groups"] == 6
+    # Skipped groups were never trained on: they are deleted, not replayed; the history holds
+    # the three that were trained, and every put group is accounted for.
+    assert s["history_groups"] == 3 and s["put_groups"] == s["acked"] + s["stale_skipped"] + s["fresh_backlog"] + s["fresh_pending"]
+    assert s["put_completions"] == 6 * 4
     # Replayed groups may be older than max_staleness: their age is counted apart from fresh staleness.
-    r = buf.sample(4, p=1.0, current_version=9)
+    r = buf.sample(3, p=1.0, current_version=9)
     assert all(it.source == "replay" and it.staleness >= 4 for it in r.items)
+    assert sorted(g.group_id for g in r.groups) == ["g-0-3", "g-0-4", "g-0-5"]
     s = buf.stats()
-    assert s["staleness_hist"] == {0: 1, 1: 1, 2: 1} and sum(s["replay_age_hist"].values()) == 4
+    assert s["staleness_hist"] == {0: 1, 1: 1, 2: 1} and sum(s["replay_age_hist"].values()) == 3
     assert min(s["replay_age_hist"]) >= 4
     # Synchronous mode: max_staleness = 0 serves only the current version.
     sync = make_buffer(max_staleness=0)
@@ -287,7 +295,7 @@ def test_groups_kept_after_a_timeout_are_rechecked_for_staleness(make_buffer):
     b = buf.sample(2, p=0.0, current_version=5, timeout_s=2)  # version moved on: 3 is too old now
     assert [g.group_id for g in b.groups] == ["g-0-2", "g-0-3"] and b.staleness == [0, 0]
     s = buf.stats()
-    assert s["stale_skipped"] == 2 and s["history_groups"] == 2 and s["fresh_pending"] == 2
+    assert s["stale_skipped"] == 2 and s["history_groups"] == 0 and s["fresh_pending"] == 2
 
 
 def test_a_foreign_batch_with_fields_in_another_order_round_trips(make_buffer):
@@ -300,3 +308,84 @@ def test_a_foreign_batch_with_fields_in_another_order_round_trips(make_buffer):
     buf.put([make_group(6), reordered])
     got = buf.sample(2, p=0.0, timeout_s=2)
     assert [g.group_id for g in got.groups] == ["g-0-6", "g-0-7"] and buf.stats()["corrupt"] == 0
+
+
+def train_versions(buf, versions, *, seed=7):
+    """Groups of these policy versions put, sampled fresh and acked: the history, in order."""
+    buf.put([make_group(i, version=v, seed=seed) for i, v in enumerate(versions)])
+    b = buf.sample(len(versions), p=0.0, timeout_s=5)
+    buf.ack(b)
+    return [g.group_id for g in b.groups]
+
+
+def test_replay_window_serves_only_recent_versions_and_evicts_the_rest(make_buffer):
+    buf = make_buffer(seed=4, replay_window=3)
+    ids = train_versions(buf, [v for v in range(10) for _ in range(2)])  # 2 groups of each version 0..9
+    assert buf.replayable(current_version=9) == 8  # versions 6..9
+    assert buf.replayable() == 20  # no version given: the whole history
+    seen = set()
+    for t in range(50):
+        b = buf.sample(4, p=1.0, current_version=9, timeout_s=1)
+        assert all(it.source == "replay" and it.staleness <= 3 for it in b.items)
+        seen |= {g.group_id for g in b.groups}
+    assert seen == set(ids[12:])
+    s = buf.stats()
+    assert s["evicted_window"] == 12 and s["history_groups"] == 8
+    assert set(s["replay_age_hist"]) == {0, 1, 2, 3} and sum(s["replay_age_hist"].values()) == 200
+    # The window is short of what a batch asks: fresh groups stand in, counted.
+    buf.put([make_group(100 + i, version=12, seed=7) for i in range(3)])
+    b = buf.sample(4, p=1.0, current_version=12, timeout_s=2)  # window 9..12: 2 groups of version 9
+    assert [it.source for it in b.items] == ["fresh", "fresh", "replay", "replay"]
+    assert buf.stats()["replay_unavailable"] == 2
+
+
+def test_recency_weighting_draws_newer_groups_in_proportion_to_position(make_buffer):
+    buf = make_buffer(seed=5, replay_weighting="recency")
+    ids = train_versions(buf, list(range(10)))
+    counts = dict.fromkeys(ids, 0)
+    draws = 4000
+    for _ in range(draws // 4):  # one group per batch: no without-replacement effect
+        for _ in range(4):
+            counts[buf.sample(1, p=1.0, current_version=10).groups[0].group_id] += 1
+    obs = np.array([counts[i] for i in ids], dtype=float)
+    expect = draws * (2 * np.arange(10) + 1) / 100.0  # P(position k) = ((k+1)^2 - k^2) / n^2
+    stat = ((obs - expect) ** 2 / expect).sum()
+    _, q = chi_square_uniform(np.ones(10))
+    print(f"\nrecency draws by position {obs.astype(int).tolist()}, chi-square against linear weights {stat:.1f} (0.999 quantile {q:.1f})")
+    assert stat < q
+    # Uniform draws are far from it (the test has the power to tell them apart).
+    flat = ((draws / 10 - expect) ** 2 / expect).sum()
+    assert flat > 10 * q
+
+
+def test_replay_cap_retires_a_group_after_max_uses(make_buffer):
+    buf = make_buffer(seed=6, replay_max_uses=2)
+    ids = train_versions(buf, [0] * 5)
+    counts = dict.fromkeys(ids, 0)
+    for _ in range(10):
+        counts[buf.sample(1, p=1.0, timeout_s=1).groups[0].group_id] += 1
+    assert set(counts.values()) == {2}
+    s = buf.stats()
+    assert s["retired"] == 5 and s["history_groups"] == 0 and s["history_bytes"] == 0
+    buf.put([make_group(50, seed=7)])
+    assert buf.sample(1, p=1.0, timeout_s=2).items[0].source == "fresh"  # nothing left to replay
+
+
+def test_ranks_draw_disjoint_groups_and_a_restart_continues_the_stream(make_buffer):
+    name = "ranks"
+    a = make_buffer(name, seed=0, consumer="learner-0")
+    train_versions(a, [0] * 12)
+    b = make_buffer(name, seed=0, consumer="learner-1")
+    for step in range(20):  # two ranks of one learner step: disjoint draws, 6 + 6 of 12
+        ga = {g.group_id for g in a.sample(6, p=1.0, batch_index=step, timeout_s=1).groups}
+        gb = {g.group_id for g in b.sample(6, p=1.0, batch_index=step, timeout_s=1).groups}
+        assert len(ga) == 6 and len(gb) == 6 and not ga & gb
+    # A consumer's draws are seeded by (seed, consumer, batch): a restarted rank at step k draws
+    # what the uninterrupted one drew at step k (same history), not its step-0 draws again.
+    runs = {}
+    for label, steps in (("whole", range(4)), ("restarted", [3])):
+        buf = make_buffer(f"{name}-{label}", seed=0, consumer="learner-0")
+        train_versions(buf, [0] * 12)
+        runs[label] = {k: sorted(g.group_id for g in buf.sample(3, p=1.0, batch_index=k, timeout_s=1).groups) for k in steps}
+    assert runs["restarted"][3] == runs["whole"][3]
+    assert len({tuple(v) for v in runs["whole"].values()}) == 4
