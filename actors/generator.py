@@ -361,12 +361,16 @@ class GeneratorWorker(Generator):
 
             self.buffer = ReplayBuffer(buffer_url, **(buffer_options or {}))
 
-    def produce(self, calls: int = 1) -> Dict[str, Any]:
-        """Generate ``calls`` batches of groups and put them into the buffer."""
+    def produce(self, calls: int = 1, groups: Optional[int] = None) -> Dict[str, Any]:
+        """Generate and put into the buffer ``groups`` groups (in vLLM calls of at most
+        ``prompts_per_call`` prompts), or, without it, ``calls`` calls of ``prompts_per_call``.
+        The driver asks for what the learner will take (generation follows demand)."""
         if self.buffer is None:
             raise RuntimeError("this generator was created without buffer_url")
-        for _ in range(calls):
-            self.buffer.put(self.generate())
+        sizes = [self.cfg.prompts_per_call] * calls if groups is None else \
+            [min(self.cfg.prompts_per_call, groups - s) for s in range(0, groups, self.cfg.prompts_per_call)]
+        for k in sizes:
+            self.buffer.put(self.generate(k))
         return dict(self.stats, version=self.version, reward_timeouts=self.scorer.stats.timeouts, reward_errors=self.scorer.stats.errors)
 
     def get_version(self) -> int:

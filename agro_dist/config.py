@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -35,9 +36,11 @@ class RunConfig:
     steps: int = 40
     epochs: float = 0.0
     max_samples: int = 0
+    max_generated: int = 0
     max_minutes: float = 0.0
     sync_every: int = 1
-    replay_prob: float = 0.0
+    replay_prob: float = 0.0  # or "auto"
+    replay_max: float = 0.5
     max_staleness: Optional[int] = 2
     max_backlog_groups: int = 0
     eval_every: int = 10
@@ -71,6 +74,9 @@ class BufferSection:
     appendfsync: str = "everysec"
     history_max_groups: int = 10000
     history_max_bytes: int = 1 << 30
+    replay_window: int = 4
+    replay_weighting: str = "uniform"
+    replay_max_uses: int = 0
     claim_idle_s: float = 300.0
 
 
@@ -119,16 +125,25 @@ HELP: Dict[str, str] = {
                         "relative output_dir: ~/agro_dist_results on the driver's node",
     "run.overwrite": "delete an existing run of the same name (checkpoints included) and start afresh; without it such a run is refused",
     "run.seed": "seed of the learner, the generators (seed + index) and the buffer's replay draws",
-    "run.mode": "sync: generators wait for every new version, p = 0 (on-policy); async: generators run ahead, bounded by max_staleness; "
+    "run.mode": "sync: generators make each step's fresh groups with the current weights and load every new version (on-policy at "
+                "p = 0; the paper's replay at p > 0); async: generators run ahead, bounded by max_staleness; "
                 "frozen: generators keep the initial weights (pi_ref), staleness grows; offline: train from data.path, no generators",
     "run.steps": "learner steps (optimizer updates) to run; 0 = no step limit",
     "run.epochs": "offline: passes over data.path (the first budget reached stops the run; set run.steps 0 for epochs only); 0 = no limit",
-    "run.max_samples": "stop after this many trained completions; 0 = no limit",
+    "run.max_samples": "stop after this many trained completions (fresh and replayed); 0 = no limit",
+    "run.max_generated": "stop once the generators have made this many completions (the cost of the data: compare replay "
+                         "ratios at equal generation); 0 = no limit",
     "run.max_minutes": "stop after this many minutes of training; 0 = no limit",
     "run.sync_every": "publish weights to the generators every k learner steps (1 in sync mode)",
-    "run.replay_prob": "p: probability that a batch slot is a replayed group from the history (async mode)",
-    "run.max_staleness": "fresh groups older than this many versions are skipped (counted); null = keep all",
-    "run.max_backlog_groups": "async: generators pause while this many fresh groups wait in the buffer; 0 = 2 x batch_groups",
+    "run.replay_prob": "p, the replay ratio: this fraction of every batch is groups replayed from the history of trained groups, "
+                       "the rest fresh, exactly (round((k+1)pB) - round(kpB) at step k); the generators make only the fresh part "
+                       "(sync and async). auto (async): replay fills the part of a batch whose fresh groups are not ready, up to "
+                       "run.replay_max, so the learner never waits for generation",
+    "run.replay_max": "run.replay_prob auto: the most of a batch replay may fill",
+    "run.max_staleness": "fresh groups older than this many versions are skipped (counted, deleted: never trained, never "
+                         "replayed); null = keep all",
+    "run.max_backlog_groups": "async: generators pause while this many fresh groups wait in the buffer; 0 = one step's fresh "
+                              "groups (ceil((1 - p) x batch_groups); batch_groups with replay_prob auto)",
     "run.eval_every": "held-out evaluation every this many steps (and before the first and after the last); 0 = only before/after",
     "run.eval_size": "held-out problems per evaluation; 0 = the task's whole held-out set",
     "run.eval_samples": "samples per held-out problem for the sampled accuracy (temperature = generator.temperature)",
@@ -157,6 +172,10 @@ HELP: Dict[str, str] = {
     "buffer.appendfsync": "private Redis durability: everysec or always",
     "buffer.history_max_groups": "replay history capacity in groups (oldest evicted)",
     "buffer.history_max_bytes": "replay history capacity in bytes",
+    "buffer.replay_window": "replay only groups at most this many policy versions older than the learner (older ones are evicted); "
+                            "0 = the whole history (frozen runs: always the whole history)",
+    "buffer.replay_weighting": "uniform, or recency: a group's chance grows linearly with its place in the window, oldest to newest",
+    "buffer.replay_max_uses": "a group replayed this many times leaves the history; 0 = no cap",
     "buffer.claim_idle_s": "groups pending this long on a dead learner are re-delivered to another",
     # resources
     "resources.num_generators": "G: vLLM generator actors",
@@ -259,6 +278,20 @@ class Config:
             out[sec] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k not in _HIDDEN.get(sec, ())}
         return out
 
+    @property
+    def replay_auto(self) -> bool:
+        return self.run.replay_prob == "auto"
+
+    @property
+    def fixed_replay_prob(self) -> float:
+        """The fixed replay ratio p (0 under ``auto``, whose ratio is decided step by step)."""
+        return 0.0 if self.replay_auto else float(self.run.replay_prob)
+
+    def fresh_per_step(self) -> int:
+        """The most fresh groups one learner step takes: ceil((1 - p) B) (B under ``auto``)."""
+        B = self.learner.batch_groups
+        return B - math.floor(self.fixed_replay_prob * B)
+
     def generator_config(self, index: int) -> Dict[str, Any]:
         d = dataclasses.asdict(self.generator)
         d.update(model=self.model, seed=self.run.seed + index, generator_id=f"gen-{index}")
@@ -328,6 +361,8 @@ def _set(cfg: Config, key: str, value: Any, where: str) -> None:
 def _coerce(default: Any, value: Any, key: str, where: str) -> Any:
     """Check a value against the default's type (None defaults take anything)."""
     if default is None or value is None:
+        return value
+    if key == "run.replay_prob" and value == "auto":
         return value
     t = type(default)
     if t in (int, float) and isinstance(value, str):
@@ -444,10 +479,23 @@ def validate(cfg: Config) -> None:
                           else f"data.path is read in run.mode=offline only (run.mode is {r.mode})")
     if r.epochs < 0:
         raise ConfigError(f"run.epochs must be >= 0, got {r.epochs}")
+    if r.replay_prob == "auto":
+        if r.mode != "async":
+            raise ConfigError(f"run.replay_prob auto fills with replay what async generation has not made yet: it needs run.mode async "
+                              f"(run.mode is {r.mode}; give a number for a fixed ratio)")
+        if not 0.0 <= r.replay_max <= 1.0:
+            raise ConfigError(f"run.replay_max must be in [0, 1], got {r.replay_max}")
+    elif not 0.0 <= r.replay_prob <= 1.0:
+        raise ConfigError(f"run.replay_prob must be in [0, 1] or auto, got {r.replay_prob}")
     if r.mode == "offline" and r.replay_prob:
-        raise ConfigError("run.replay_prob applies to generated data (async, frozen); offline runs pass over data.path in epochs")
-    if r.mode == "sync" and (r.replay_prob != 0.0 or r.sync_every != 1):
-        raise ConfigError("run.mode=sync is on-policy: it needs run.replay_prob=0 and run.sync_every=1 (use run.mode=async for replay)")
+        raise ConfigError("run.replay_prob applies to generated data (sync, async, frozen); offline runs pass over data.path in epochs")
+    if r.mode == "sync" and r.sync_every != 1:
+        raise ConfigError("run.mode=sync loads every new version before the next step: it needs run.sync_every=1 (use run.mode=async)")
+    b = cfg.buffer
+    if b.replay_window < 0 or b.replay_max_uses < 0:
+        raise ConfigError(f"buffer.replay_window and buffer.replay_max_uses must be >= 0, got {b.replay_window}, {b.replay_max_uses}")
+    if b.replay_weighting not in ("uniform", "recency"):
+        raise ConfigError(f"buffer.replay_weighting must be uniform or recency, got {b.replay_weighting!r}")
     if r.eval_engine not in ("auto", "generator", "separate"):
         raise ConfigError(f"run.eval_engine must be auto, generator or separate, got {r.eval_engine!r}")
     if r.eval_engine == "generator" and r.mode not in ("sync", "async"):
@@ -455,14 +503,14 @@ def validate(cfg: Config) -> None:
                           "evaluates on its own engine: use run.eval_engine auto or separate")
     if r.connect_timeout_s <= 0 or r.startup_timeout_s <= 0:
         raise ConfigError("run.connect_timeout_s and run.startup_timeout_s must be > 0")
-    if not 0.0 <= r.replay_prob <= 1.0:
-        raise ConfigError(f"run.replay_prob must be in [0, 1], got {r.replay_prob}")
     if r.max_staleness is not None and r.max_staleness < 0:
         raise ConfigError(f"run.max_staleness must be >= 0 or null, got {r.max_staleness}")
     if r.sync_every < 1:
         raise ConfigError(f"run.sync_every must be >= 1, got {r.sync_every}")
-    if not (r.steps or r.max_samples or r.max_minutes or (r.mode == "offline" and r.epochs)):
-        raise ConfigError("set a budget: run.steps, run.max_samples, run.max_minutes (or run.epochs offline)")
+    if r.mode == "offline" and r.max_generated:
+        raise ConfigError("run.max_generated counts generated completions: offline runs generate none (use run.epochs or run.steps)")
+    if not (r.steps or r.max_samples or r.max_generated or r.max_minutes or (r.mode == "offline" and r.epochs)):
+        raise ConfigError("set a budget: run.steps, run.max_samples, run.max_generated, run.max_minutes (or run.epochs offline)")
     if res.num_generators < 1 or res.learner_ranks < 1:
         raise ConfigError("resources.num_generators and resources.learner_ranks must be >= 1")
     if res.learner_placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
@@ -485,10 +533,6 @@ def validate(cfg: Config) -> None:
     if lc.batch_groups % res.learner_ranks or (not lc.micro_tokens and (lc.batch_groups // res.learner_ranks) % lc.micro_groups):
         raise ConfigError(f"learner.batch_groups ({lc.batch_groups}) must split into resources.learner_ranks ({res.learner_ranks}) "
                           f"x a multiple of learner.micro_groups ({lc.micro_groups})")
-    if r.mode == "sync" and lc.batch_groups % (res.num_generators * cfg.generator.prompts_per_call):
-        raise ConfigError(f"run.mode=sync: learner.batch_groups ({lc.batch_groups}) must be a multiple of resources.num_generators x "
-                          f"generator.prompts_per_call ({res.num_generators} x {cfg.generator.prompts_per_call}): "
-                          "every step trains exactly the groups generated for it")
     if not os.environ.get("AGRO_ALLOW_REDIS_6379") and cfg.buffer.redis_port == 6379:
         raise ConfigError("buffer.redis_port 6379 is Ray's default GCS port; pick another")
 

@@ -1,12 +1,17 @@
 """The two training loops: how the learner is fed, step by step, until the run's budget is spent.
 
-- :class:`SyncLoop` (``run.mode: sync``): per step the generators make exactly this step's groups
-  with the current weights, the learner trains on them (p = 0, staleness 0), and every generator
-  loads the new weights before the next step. On-policy, step for step.
-- :class:`AsyncLoop` (``async``, ``frozen``, ``offline``): each generator keeps one ``produce``
-  call in flight (paused while the buffer holds ``max_backlog_groups`` fresh groups) while the
-  learner trains whenever it has a batch; offline runs have no generators and feed the learner
-  the logged file's groups.
+- :class:`SyncLoop` (``run.mode: sync``): per step the generators make exactly this step's fresh
+  groups with the current weights (the whole batch at p = 0; ``(1 - p)`` of it otherwise, the
+  rest replayed from the groups trained on before), the learner trains on them (fresh staleness
+  0), and every generator loads the new weights before the next step. At p = 0, on-policy step
+  for step; at p > 0, the paper's replay setting.
+- :class:`AsyncLoop` (``async``, ``frozen``, ``offline``): each idle generator makes the groups
+  the learner will take next (paused while the buffer holds ``max_backlog_groups`` fresh groups,
+  one step's fresh groups by default) while the learner trains whenever it has a batch; offline
+  runs have no generators and feed the learner the logged file's groups.
+
+The driver plans each step's replayed groups (``Driver.plan_step``), so that the generators make
+only what is trained.
 
 A loop holds only what lives across its steps (calls in flight, an evaluation running); the
 driver (``agro_dist/driver.py``) does the work of a step: ``finish_step`` collects the learner's
@@ -37,15 +42,16 @@ class SyncLoop:
 
     def run(self, elapsed: Callable[[], float]) -> None:
         d = self.d
-        per_step = d.cfg.learner.batch_groups
+        B = d.cfg.learner.batch_groups
         while not d.done(elapsed()):
-            d.produce_step(per_step)  # this step's groups, all with the current version
-            step_refs = d.learner_step(0.0)
+            plan = d.plan_step()
+            d.produce_step(B - sum(plan))  # this step's fresh groups, all with the current version
+            step_refs = d.learner_step(plan)
             if self.eval_due:
                 self.pending_eval, self.eval_due = d.eval_submit(), False
             while not d.step_over(step_refs, timeout=1.0):
                 pass
-            row = d.finish_step(step_refs, per_step * d.cfg.generator.n, elapsed)
+            row = d.finish_step(step_refs, B * d.cfg.generator.n, elapsed)
             if row is not None:
                 after_step(self, row, elapsed)
 
@@ -62,9 +68,10 @@ class AsyncLoop:
         # an eval actor without resources of its own runs between the learner's steps.
         self.eval_between = d.evaluator is not None and d.cfg.eval_takes_turns()
         self.gen_refs: Dict[Any, int] = {}  # in-flight produce call -> generator index
+        k = min(d.cfg.generator.prompts_per_call, d.cfg.fresh_per_step())
         for i, g in enumerate(d.generators):
-            self.gen_refs[g.produce.remote(1)] = i
-        self.max_backlog = d.cfg.run.max_backlog_groups or 2 * d.cfg.learner.batch_groups
+            self.gen_refs[g.produce.remote(groups=k)] = i
+        self.max_backlog = d.cfg.run.max_backlog_groups or d.cfg.fresh_per_step()
 
     def run(self, elapsed: Callable[[], float]) -> None:
         d = self.d
@@ -72,7 +79,7 @@ class AsyncLoop:
             if d.cfg.run.mode == "offline":
                 step_refs, completions = d.offline_step()
             else:
-                step_refs, completions = d.learner_step(None), d.cfg.learner.batch_groups * d.cfg.generator.n
+                step_refs, completions = d.learner_step(d.plan_step()), d.cfg.learner.batch_groups * d.cfg.generator.n
             # Keep the generators busy while the learner trains.
             while True:
                 ready, _ = ray.wait(list(self.gen_refs) + step_refs, num_returns=1, timeout=1.0)

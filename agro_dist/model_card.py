@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 # Everything a tokenizer (fast or slow, with its chat template) may be made of.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -38,7 +38,7 @@ def _pct(x: Optional[float]) -> str:
 def model_card(*, base_model: str, loss: str, beta: float, steps: int, samples: Optional[int] = None,
                loss_options: Optional[Dict[str, Any]] = None, lr: Optional[float] = None, task: Optional[str] = None,
                task_path: Optional[str] = None, task_options: Optional[Dict[str, Any]] = None, mode: Optional[str] = None,
-               replay_prob: Optional[float] = None, reward_fn: Optional[str] = None, before: Optional[Dict[str, float]] = None,
+               replay_prob: Optional[Union[float, str]] = None, reward_fn: Optional[str] = None, before: Optional[Dict[str, float]] = None,
                after: Optional[Dict[str, float]] = None, **_ignored: Any) -> str:
     """A Hugging Face model card (YAML front matter + markdown) for a checkpoint."""
     base = DEFAULT_BASE if base_model in ("default", "smollm2-135m-instruct") else base_model
@@ -61,7 +61,8 @@ def model_card(*, base_model: str, loss: str, beta: float, steps: int, samples: 
         f"- **Base model:** `{base}`",
         f"- **Loss:** `{loss}`{opts}, beta = {beta:g}" + (f", lr = {lr:g}" if lr is not None else ""),
         f"- **Training:** {steps} optimizer steps" + (f", {samples} completions" if samples is not None else "")
-        + (f", {mode} mode" if mode else "") + (f", replay probability {replay_prob:g}" if replay_prob else ""),
+        + (f", {mode} mode" if mode else "") + (f", replay ratio {replay_prob:g}" if isinstance(replay_prob, (int, float)) and replay_prob
+           else f", replay ratio {replay_prob}" if replay_prob else ""),
         f"- **Data:** {data}" + (f"; reward `{reward_fn}`" if reward_fn else ""),
     ]
     if after or before:

@@ -19,7 +19,10 @@ log = logging.getLogger("agro_dist")
 
 # Columns of train.csv, in order. Missing values are written empty.
 TRAIN_COLUMNS = [
-    "step", "version", "samples", "elapsed_s", "epoch", "reward_mean", "kl", "log_ratio", "reg_reward_mean", "loss", "entropy", "grad_norm", "lr",
+    "step", "version", "samples", "elapsed_s", "epoch",
+    # samples = fresh_samples + replayed_samples (completions trained); generated_samples and
+    # generated_tokens: what the generators made (the cost of the data), cumulative.
+    "fresh_samples", "replayed_samples", "generated_samples", "generated_tokens", "replayed_groups", "replay_unavailable", "reward_mean", "kl", "log_ratio", "reg_reward_mean", "loss", "entropy", "grad_norm", "lr",
     "response_len_mean", "behaviour_drift", "fresh_staleness_mean", "fresh_staleness_max", "replay_age_mean", "replay_age_max",
     "replay_fraction", "skipped", "buffer_backlog", "buffer_history",
     "stale_skipped", "generated_groups", "generated_tokens_per_s", "trained_tokens_per_s", "step_s", "wait_s",
@@ -31,7 +34,8 @@ TRAIN_COLUMNS = [
 ]
 # elapsed_s: the run's clock at its step's end where the evaluation runs between steps (sync runs on CPU, an eval
 # actor sharing the cores), when it was collected where it runs beside training; eval_s: the evaluation's own time.
-EVAL_COLUMNS = ["step", "version", "samples", "elapsed_s", "greedy_accuracy", "sampled_accuracy", "eval_problems", "eval_s"]
+EVAL_COLUMNS = ["step", "version", "samples", "generated_samples", "elapsed_s", "greedy_accuracy", "sampled_accuracy", "eval_problems",
+                "eval_s"]
 STALENESS_BOUNDARIES = [0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5]  # histogram buckets: 0, 1, 2, 3, 4, 5-8, 9-16, more
 
 # Gauges on the Ray dashboard: name -> (column, description).
@@ -48,7 +52,9 @@ GAUGES = {
     "agro_trained_tokens_per_s": ("trained_tokens_per_s", "response tokens trained per second"),
     "agro_weight_sync_seconds": ("weight_sync_s", "seconds to publish and load the last weights on the generators"),
     "agro_policy_version": ("version", "learner version (optimizer steps applied)"),
-    "agro_samples": ("samples", "completions trained so far"),
+    "agro_samples": ("samples", "completions trained so far (fresh and replayed)"),
+    "agro_replayed_samples": ("replayed_samples", "completions trained so far that were replayed from the history"),
+    "agro_generated_samples": ("generated_samples", "completions generated so far (the cost of the data)"),
     "agro_generator_restarts": ("generator_restarts", "generator actor restarts so far"),
 }
 EVAL_GAUGES = {
@@ -173,8 +179,10 @@ def progress_line(row: Dict[str, float], *, steps: int, last_eval: Optional[Dict
     total = f"/{steps}" if steps else ""
     eta = "" if eta_s is None else f", ~{_dur(eta_s)} left"
     epoch = "" if row.get("epoch") is None else f" | epoch {row['epoch']:.2f}"
-    head = (f"step {int(row['step'])}{total}{epoch} | v{int(row['version'])} | samples {int(row['samples'])} | reward {g('reward_mean')} | "
-            f"kl {g('kl')} | eval {ev} | ")
+    replayed = f" ({int(row['replayed_samples'])} replayed)" if row.get("replayed_samples") else ""
+    made = "" if epoch or row.get("generated_samples") is None else f" | generated {int(row['generated_samples'])}"
+    head = (f"step {int(row['step'])}{total}{epoch} | v{int(row['version'])} | samples {int(row['samples'])}{replayed}{made} | "
+            f"reward {g('reward_mean')} | kl {g('kl')} | eval {ev} | ")
     # Generated data: how fresh it is, the replay, the buffer, the generators (offline has none of these).
     gen = "" if epoch else (f"fresh stale {g('fresh_staleness_mean', '{:.2f}')} | replay {g('replay_fraction', '{:.2f}')}{replay_age} | "
                             f"backlog {g('buffer_backlog', '{:.0f}')} | gen {g('generated_tokens_per_s', '{:.0f}')} tok/s | ")
@@ -204,7 +212,9 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> str:
         xs = [r for r in rows if k in r]
         return xs, [r[k] for r in xs]
 
-    for j, (xk, xlabel, scale) in enumerate((("samples", "completions trained", 1.0), ("elapsed_s", "minutes", 1 / 60))):
+    # Against what the data cost (completions generated) where generators ran, else what was trained (offline).
+    xs0 = ("generated_samples", "completions generated") if any(r.get("generated_samples") for r in tr) else ("samples", "completions trained")
+    for j, (xk, xlabel, scale) in enumerate(((*xs0, 1.0), ("elapsed_s", "minutes", 1 / 60))):
         a = ax[0, j]
         rows, ys = col(tr, "reward_mean")
         a.plot([r[xk] * scale for r in rows], ys, ".", alpha=0.35, color="C0", label="batch reward")
@@ -214,7 +224,8 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> str:
             a.plot([r[xk] * scale for r in rows], sm, "-", color="C0", label=f"batch reward (mean of {w})")
         for k, c in (("sampled_accuracy", "C1"), ("greedy_accuracy", "C2")):
             rows_e, ye = col(ev, k)
-            a.plot([r[xk] * scale for r in rows_e], ye, "o-", color=c, label=f"held-out {k.split('_')[0]} accuracy")
+            rows_e = [r for r in rows_e if r.get(xk) is not None]
+            a.plot([r[xk] * scale for r in rows_e], [r[k] for r in rows_e], "o-", color=c, label=f"held-out {k.split('_')[0]} accuracy")
         a.set_xlabel(xlabel)
         a.set_ylim(-0.02, 1.02)
         a.set_title(f"reward and held-out accuracy vs {xlabel}")

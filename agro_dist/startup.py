@@ -245,8 +245,13 @@ def buffer_options(cfg: Config) -> Dict[str, Any]:
     b = cfg.buffer
     # Frozen generators fall further behind every step: no staleness bound (it is recorded).
     max_staleness = None if cfg.run.mode == "frozen" else cfg.run.max_staleness
-    return dict(name=cfg.run.name, seed=cfg.run.seed, replay_prob=cfg.run.replay_prob, max_staleness=max_staleness,
+    # Frozen groups all carry version 0: a window in versions would empty the history.
+    window = 0 if cfg.run.mode == "frozen" else b.replay_window
+    # The driver plans each step's replayed groups (replay_groups): replay_prob here is only the
+    # default of a direct sample() call.
+    return dict(name=cfg.run.name, seed=cfg.run.seed, replay_prob=cfg.fixed_replay_prob, max_staleness=max_staleness,
                 history_max_groups=b.history_max_groups, history_max_bytes=b.history_max_bytes, claim_idle_s=b.claim_idle_s,
+                replay_window=window, replay_weighting=b.replay_weighting, replay_max_uses=b.replay_max_uses,
                 timeout_s=cfg.run.step_timeout_s)
 
 

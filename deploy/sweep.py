@@ -100,7 +100,9 @@ def run_metrics(folder: str) -> Dict[str, Any]:
                 greedy_before=ev[0].get("greedy_accuracy") if ev else None, greedy_final=ev[-1].get("greedy_accuracy") if ev else None,
                 sampled_peak=sampled[peak] if sampled else None, peak_step=int(ev[peak]["step"]) if sampled else None,
                 reward_final=mean(tail, "reward_mean"), kl_final=mean(tail, "kl"), eval_problems=ev[-1].get("eval_problems") if ev else None,
-                replay_fraction=mean(tr, "replay_fraction"), stale_skipped=summary.get("buffer", {}).get("stale_skipped"))
+                replay_fraction=mean(tr, "replay_fraction"), stale_skipped=summary.get("buffer", {}).get("stale_skipped"),
+                # The cost of the data (runs before these counters have none: their columns are left out).
+                generated_samples=summary.get("generated_samples"), replayed_samples=summary.get("replayed_samples"))
 
 
 # ----------------------------------------------------------------------------- the report
@@ -108,7 +110,14 @@ def run_metrics(folder: str) -> Dict[str, Any]:
 METRICS = [("sampled_before", "sampled acc before", True), ("sampled_final", "sampled acc final", True),
            ("sampled_peak", "sampled acc peak", True), ("greedy_final", "greedy acc final", True),
            ("reward_final", f"reward (last {TAIL} steps)", False), ("kl_final", f"KL (last {TAIL} steps)", False),
-           ("minutes", "minutes", False)]
+           ("minutes", "minutes", False), ("steps", "learner steps", False), ("generated_samples", "completions generated", False)]
+# Shown only where some run has them (families run before these counters keep their tables).
+OPTIONAL = ("steps", "generated_samples")
+
+
+def _metrics(results: Dict[str, Dict[str, Any]]) -> List[tuple]:
+    gen = any(r.get("generated_samples") is not None for r in results.values())
+    return [m for m in METRICS if m[0] not in OPTIONAL or gen]
 
 
 def mean_se(xs: List[float]):
@@ -122,7 +131,7 @@ def mean_se(xs: List[float]):
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
-def summarise(runs: List[Dict[str, Any]], results: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+def summarise(runs: List[Dict[str, Any]], results: Dict[str, Dict[str, Any]], metrics: Optional[List[tuple]] = None) -> List[Dict[str, Any]]:
     """One row per grid point, in grid order: mean and s.e. of each metric over its finished seeds."""
     out, seen = [], []
     for r in runs:
@@ -131,7 +140,7 @@ def summarise(runs: List[Dict[str, Any]], results: Dict[str, Dict[str, Any]]) ->
         seen.append(r["label"])
         done = [results[x["run"]] for x in runs if x["label"] == r["label"] and results.get(x["run"], {}).get("status") == "done"]
         row = dict(point=r["label"], seeds=len(done), of=sum(x["label"] == r["label"] for x in runs))
-        for k, _, _ in METRICS:
+        for k, _, _ in metrics or METRICS:
             row[k], row[k + "_se"] = mean_se([d.get(k) for d in done])
         out.append(row)
     return out
@@ -215,12 +224,13 @@ def _cell(m, se, pct: bool) -> str:
     return f(m) + (f" +- {f(se)}" if se is not None else "")
 
 
-def table(rows: List[Dict[str, Any]]) -> str:
-    head = ["point", "seeds"] + [t + (" %" if pct else "") for _, t, pct in METRICS]
+def table(rows: List[Dict[str, Any]], metrics: Optional[List[tuple]] = None) -> str:
+    metrics = metrics or METRICS
+    head = ["point", "seeds"] + [t + (" %" if pct else "") for _, t, pct in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([r["point"], f"{r['seeds']}/{r['of']}"] +
-                                        [_cell(r[k], r[k + "_se"], pct) for k, _, pct in METRICS]) + " |")
+                                        [_cell(r[k], r[k + "_se"], pct) for k, _, pct in metrics]) + " |")
     return "\n".join(lines)
 
 
@@ -233,7 +243,7 @@ def curves(runs: List[Dict[str, Any]], out_dir: str, title: str) -> Optional[str
 
     labels = list(dict.fromkeys(r["label"] for r in runs))
     fig, ax = plt.subplots(2, 3, figsize=(17, 8))
-    drawn = False
+    drawn, new_style = False, False
     for i, label in enumerate(labels):
         folders = [os.path.join(out_dir, "runs", r["run"]) for r in runs if r["label"] == label]
         folders = [f for f in folders if os.path.exists(os.path.join(f, "summary.json"))]
@@ -244,7 +254,11 @@ def curves(runs: List[Dict[str, Any]], out_dir: str, title: str) -> Optional[str
         ev = [read_csv(os.path.join(f, "eval.csv")) for f in folders]
         tr = [read_csv(os.path.join(f, "train.csv")) for f in folders]
         n = min(len(e) for e in ev)
-        for a, xk, scale in ((ax[0, 0], "samples", 1.0), (ax[0, 1], "elapsed_s", 1 / 60)):
+        # Runs that count generated completions are drawn against them (the cost of the data) and
+        # against learner steps; older runs against completions trained and batch reward by step.
+        gen = all(all(x.get("generated_samples") is not None for x in e) for e in ev)
+        new_style = new_style or gen
+        for a, xk, scale in ((ax[0, 0], "generated_samples" if gen else "samples", 1.0), (ax[0, 1], "elapsed_s", 1 / 60)):
             x = [mean_se([e[j][xk] * scale for e in ev])[0] for j in range(n)]
             ms = [mean_se([e[j].get("sampled_accuracy") for e in ev]) for j in range(n)]
             y = [m for m, _ in ms]
@@ -260,16 +274,23 @@ def curves(runs: List[Dict[str, Any]], out_dir: str, title: str) -> Optional[str
         rw = [mean_se([r[j].get("reward_mean") for r in tr])[0] for j in range(t)]
         steps = [tr[0][j]["step"] for j in range(t)]
         ax[1, 0].plot(_smooth(kl), _smooth(rw), "-", color=c, label=label)
-        ax[1, 1].plot(steps, _smooth(rw), "-", color=c, label=label)
+        if gen:
+            ax[1, 1].plot([mean_se([e[j]["step"] for e in ev])[0] for j in range(n)],
+                          [mean_se([e[j].get("sampled_accuracy") for e in ev])[0] for j in range(n)],
+                          "o-", color=c, label=label)
+        else:
+            ax[1, 1].plot(steps, _smooth(rw), "-", color=c, label=label)
         ax[1, 2].plot(steps, kl, "-", color=c, label=label)
     if not drawn:
         plt.close(fig)
         return None
     batch_reward = "batch reward, replays included (mean of 5)"
-    for a, xl, yl in ((ax[0, 0], "completions trained", "held-out sampled accuracy"), (ax[0, 1], "minutes of training", "held-out sampled accuracy"),
+    for a, xl, yl in ((ax[0, 0], "completions generated" if new_style else "completions trained", "held-out sampled accuracy"),
+                      (ax[0, 1], "minutes of training", "held-out sampled accuracy"),
                       (ax[0, 2], f"KL(pi || pi_ref) per sequence (mean of {TAIL} steps to the evaluation)", "held-out sampled accuracy"),
                       (ax[1, 0], "KL(pi || pi_ref) per sequence (moving mean of 5)", batch_reward),
-                      (ax[1, 1], "learner step", batch_reward), (ax[1, 2], "learner step", "KL(pi || pi_ref) per sequence")):
+                      (ax[1, 1], "learner step", "held-out sampled accuracy" if new_style else batch_reward),
+                      (ax[1, 2], "learner step", "KL(pi || pi_ref) per sequence")):
         a.set_xlabel(xl)
         a.set_ylabel(yl)
         a.grid(alpha=0.3)
@@ -298,17 +319,20 @@ def report(runs: List[Dict[str, Any]], out_dir: str, title: str, status: Dict[st
             results[r["run"]] = dict(status=status.get(r["run"], "not run"))
     cols = ["run", "point", "seed", "status", "steps", "samples", "minutes", "sampled_before", "sampled_final", "sampled_peak", "peak_step",
             "greedy_before", "greedy_final", "reward_final", "kl_final", "eval_problems", "replay_fraction", "stale_skipped"]
+    metrics = _metrics(results)
+    if any(m[0] == "generated_samples" for m in metrics):
+        cols += ["generated_samples", "replayed_samples"]
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in runs:
             w.writerow(dict(run=r["run"], point=r["label"], seed=r["seed"], **{k: _fmt(v) for k, v in results[r["run"]].items()}))
-    rows = summarise(runs, results)
+    rows = summarise(runs, results, metrics)
     with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows([{k: _fmt(v) for k, v in row.items()} for row in rows])
-    text = table(rows)
+    text = table(rows, metrics)
     diff = paired(runs, results)
     if diff:
         text += "\n\nPaired by seed, each point minus the first (accuracy differences in points):\n\n" + diff

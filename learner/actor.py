@@ -76,12 +76,13 @@ class LearnerWorker:
     def train_step(self, groups: List[Group], **kw) -> Dict[str, float]:
         return self.learner.train_step(groups, **kw)
 
-    def step_from_buffer(self, p: Optional[float] = None, timeout_s: Optional[float] = None) -> Dict[str, float]:
+    def step_from_buffer(self, p: Optional[float] = None, timeout_s: Optional[float] = None, *,
+                         replay_groups: Optional[int] = None, batch_index: Optional[int] = None) -> Dict[str, float]:
         from .loop import step_from_buffer
 
         if self.buffer is None:
             raise RuntimeError("this learner was created without buffer_url")
-        return step_from_buffer(self.learner, self.buffer, p=p, timeout_s=timeout_s)
+        return step_from_buffer(self.learner, self.buffer, p=p, timeout_s=timeout_s, replay_groups=replay_groups, batch_index=batch_index)
 
     def publish(self) -> Tuple[int, "ray.ObjectRef", float]:
         """(version, object ref of the weights, seconds it took). In the store they are

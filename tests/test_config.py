@@ -34,8 +34,13 @@ def test_command_line_wins_over_the_file_which_wins_over_the_defaults(tmp_path):
     (["--run.mode", "offline"], "run.mode=offline trains from data.path"),
     (["--data.path", "x.jsonl"], "data.path is read in run.mode=offline only"),
     (["--run.mode", "offline", "--data.path", "x.jsonl", "--run.steps", "0"], "set a budget"),
-    (["--run.replay_prob", "0.5"], "run.mode=sync is on-policy"),
-    (["--run.mode", "async", "--run.replay_prob", "1.5"], "replay_prob must be in [0, 1]"),
+    (["--run.replay_prob", "auto"], "run.replay_prob auto fills with replay what async generation has not made yet"),
+    (["--run.mode", "async", "--run.replay_prob", "auto", "--run.replay_max", "2"], "run.replay_max must be in [0, 1]"),
+    (["--run.sync_every", "2"], "run.mode=sync loads every new version before the next step"),
+    (["--run.mode", "async", "--run.replay_prob", "often"], "run.replay_prob must be float"),
+    (["--buffer.replay_weighting", "newest"], "buffer.replay_weighting must be uniform or recency"),
+    (["--buffer.replay_window", "-1"], "buffer.replay_window and buffer.replay_max_uses must be >= 0"),
+    (["--run.mode", "async", "--run.replay_prob", "1.5"], "replay_prob must be in [0, 1] or auto"),
     (["--learner.batch_groups", "6"], "must split into"),
     (["--buffer.redis_port", "6379"], "Ray's default GCS port"),
     (["--run.steps", "0"], "set a budget"),
@@ -129,3 +134,12 @@ def test_a_ray_job_keeps_runs_outside_its_working_directory(monkeypatch, tmp_pat
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     cfg, _ = config.from_args(["--run.name", "j"])
     assert cfg.run.storage_path is None and cfg.run_home == os.path.abspath(os.path.join("runs", "j"))
+
+
+def test_replay_in_sync_mode_and_auto_in_async_are_accepted():
+    cfg, _ = config.from_args(["--run.replay_prob", "0.5"])  # the paper's synchronous replay
+    assert cfg.fixed_replay_prob == 0.5 and cfg.fresh_per_step() == 4 and not cfg.replay_auto
+    cfg, _ = config.from_args(["--run.mode", "async", "--run.replay_prob", "0.3"])
+    assert cfg.fresh_per_step() == 8 - 2  # at most B - floor(pB) fresh groups a step
+    cfg, _ = config.from_args(["--run.mode", "async", "--run.replay_prob", "auto", "--run.replay_max", "0.25"])
+    assert cfg.replay_auto and cfg.fixed_replay_prob == 0.0 and cfg.fresh_per_step() == 8 and cfg.run.replay_max == 0.25

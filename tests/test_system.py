@@ -187,20 +187,69 @@ def test_sync_mode_is_on_policy_step_for_step(head, tiny_vllm_model, tmp_path):
             (float(row["greedy_accuracy"]), float(row["sampled_accuracy"]), float(row["eval_problems"])), abs=1e-6), (folder, res, row)
 
 
-def test_replay_probability_half_mixes_history_into_batches(head, tiny_vllm_model, tmp_path):
+def _accounted(b, lookahead):
+    """Every generated group is trained, waiting (within the bounded look-ahead) or counted stale;
+    the history holds only trained groups."""
+    assert b["put_groups"] == b["acked"] + b["fresh_backlog"] + b["fresh_pending"] + b["stale_skipped"], b
+    assert b["fresh_backlog"] <= lookahead, b
+    assert b["history_groups"] <= b["acked"] and b["fresh_pending"] == 0
+
+
+def test_async_replay_half_is_exact_generates_only_the_fresh_part_and_the_staleness_bound_holds(head, tiny_vllm_model, tmp_path):
+    # max_staleness 0 in async: groups made ahead while the learner trains are one version behind
+    # by the time they are read: the bound binds (they are skipped and counted) or provably held.
     p = _train(head, _args(tiny_vllm_model, tmp_path, "replay", "--run.mode", "async", "--run.replay_prob", "0.5",
-                           "--run.steps", "6", "--run.max_staleness", "null"))
+                           "--run.steps", "6", "--run.max_staleness", "0", "--run.eval_every", "0"))
     rows, summary = _check_run(p, tmp_path / "replay", tiny_vllm_model, 6)
     b = summary["buffer"]
-    # 6 steps x 4 slots, each replayed with p = 0.5 once there is a history (step 1 has none).
-    assert 0 < b["served_replay"] < 24 and b["served_replay"] + b["served_fresh"] >= 24
-    assert 0 < sum(float(r["replay_fraction"]) for r in rows) / len(rows) < 1
+    # Step 1 has no history (its 2 planned replays counted unavailable); then exactly 2 of 4 a step.
+    assert [int(float(r["replayed_groups"])) for r in rows] == [0, 2, 2, 2, 2, 2]
+    assert [float(r["replay_fraction"]) for r in rows] == [0, 0.5, 0.5, 0.5, 0.5, 0.5]
+    assert int(rows[-1]["replay_unavailable"]) == 2 and b["served_replay"] == 10 and b["served_fresh"] == 14
+    # Fresh and replayed completions counted apart (2 completions a group); generated = put.
+    last = rows[-1]
+    assert (int(last["fresh_samples"]), int(last["replayed_samples"]), int(last["samples"])) == (28, 20, 48)
+    assert int(last["generated_samples"]) == 2 * b["put_groups"] and summary["generated_samples"] == 2 * b["put_groups"]
+    assert summary["fresh_samples"] == 28 and summary["replayed_samples"] == 20 and summary["generated_tokens"] > 0
+    # The default look-ahead: one step's fresh groups waiting (2) and one call in flight (2).
+    _accounted(b, lookahead=4)
+    hist = b["staleness_hist"]
+    assert set(map(int, hist)) == {0} and sum(hist.values()) == b["served_fresh"]
+    print(f"\nasync p 0.5, max_staleness 0: {b['put_groups']} groups generated, {b['acked']} trained fresh, "
+          f"{b['stale_skipped']} skipped stale, {b['served_replay']} replayed")
     # Async: the behaviour policy lags the learner, so the drift is no longer zero after step 1.
-    assert any(abs(float(r["behaviour_drift"])) > 1e-4 for r in rows[1:])
-    # The KL shown stays a KL off-policy; replayed groups' age has its own columns and histogram.
+    assert any(abs(float(r["behaviour_drift"])) > 1e-4 for r in rows[1:] if r["behaviour_drift"] not in ("", "nan"))
+    # The KL shown stays a KL off-policy; replayed groups' age has its own columns and histogram,
+    # within the replay window (buffer.replay_window 4 by default).
     assert all(float(r["kl"]) >= 0 for r in rows)
-    assert any(r["replay_age_mean"] for r in rows) and sum(b["replay_age_hist"].values()) == b["served_replay"]
-    assert sum(b["staleness_hist"].values()) == b["served_fresh"]
+    assert all(float(r["replay_age_max"]) <= 4 for r in rows[1:]) and sum(b["replay_age_hist"].values()) == b["served_replay"]
+
+
+def test_sync_replay_generates_only_the_fresh_part_of_each_batch(head, tiny_vllm_model, tmp_path):
+    """The paper's synchronous replay: each step generates round((1 - p) B) groups with the current
+    weights and replays the rest; nothing generated is left over."""
+    # A budget of generated completions (run.max_generated) ends it: 8 + 3 x 2 = 14 after step 4.
+    p = _train(head, _args(tiny_vllm_model, tmp_path, "syncreplay", "--run.replay_prob", "0.75", "--run.steps", "0",
+                           "--run.max_generated", "14", "--run.eval_every", "0"))
+    rows, summary = _check_run(p, tmp_path / "syncreplay", tiny_vllm_model, 4)
+    b = summary["buffer"]
+    assert [int(float(r["replayed_groups"])) for r in rows] == [0, 3, 3, 3]
+    assert [int(r["generated_samples"]) for r in rows] == [8, 10, 12, 14]  # 4 groups, then 1 a step, 2 completions each
+    assert b["put_groups"] == b["acked"] == 7 and b["stale_skipped"] == 0 and b["fresh_backlog"] == 0
+    assert all(float(r["fresh_staleness_max"]) == 0 for r in rows)  # every fresh group made by the weights it trained
+    _accounted(b, lookahead=0)
+
+
+def test_auto_replay_fills_only_what_generation_has_not_made_up_to_the_ceiling(head, tiny_vllm_model, tmp_path):
+    p = _train(head, _args(tiny_vllm_model, tmp_path, "auto", "--run.mode", "async", "--run.replay_prob", "auto",
+                           "--run.replay_max", "0.5", "--run.steps", "5", "--run.eval_every", "0"))
+    rows, summary = _check_run(p, tmp_path / "auto", tiny_vllm_model, 5)
+    b = summary["buffer"]
+    k = [int(float(r["replayed_groups"])) for r in rows]
+    assert k[0] == 0 and all(0 <= x <= 2 for x in k)  # nothing to replay at first; at most replay_max x 4 after
+    assert [float(r["replay_fraction"]) for r in rows] == [x / 4 for x in k]  # realised per step, reported
+    assert b["served_replay"] == sum(k) and int(rows[-1]["replayed_samples"]) == 2 * sum(k)
+    _accounted(b, lookahead=8)  # auto generates as at p = 0: one batch waiting and a call in flight
 
 
 def test_async_with_max_staleness_two_never_trains_older_data(head, tiny_vllm_model, tmp_path):
@@ -580,8 +629,10 @@ def test_replay_ratio_sweep_submits_one_job_per_p_and_tabulates(head, tiny_vllm_
     rows = _rows(out / "results.csv")
     assert [(r["run"], r["status"]) for r in rows] == [("sw-replay_prob0-s0", "done"), ("sw-replay_prob0.5-s0", "done")]
     assert all(int(r["steps"]) == 3 and int(r["samples"]) == 3 * 4 * 2 for r in rows)
-    # p = 0 never replays; p = 0.5 replays some of the 8 slots of steps 2-3 (P(none) = 2^-8 with a history).
-    assert float(rows[0]["replay_fraction"]) == 0 and float(rows[1]["replay_fraction"]) > 0
+    # p = 0 never replays; p = 0.5 replays exactly 2 of the 4 slots of steps 2-3 (step 1 has no history),
+    # and its generators made only the fresh part (8 groups trained fresh, against 12 at p = 0).
+    assert float(rows[0]["replay_fraction"]) == 0 and float(rows[1]["replay_fraction"]) == pytest.approx(1 / 3, abs=1e-5)
+    assert int(rows[1]["replayed_samples"]) == 2 * 2 * 2 and int(rows[1]["generated_samples"]) < int(rows[0]["generated_samples"])
     for r in rows:  # the run's small files, collected from the storage
         got = out / "runs" / r["run"]
         assert len(_rows(got / "train.csv")) == 3 and json.loads((got / "summary.json").read_text())["steps"] == 3
