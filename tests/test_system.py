@@ -195,11 +195,13 @@ def _accounted(b, lookahead):
     assert b["history_groups"] <= b["acked"] and b["fresh_pending"] == 0
 
 
-def test_async_replay_half_is_exact_generates_only_the_fresh_part_and_the_staleness_bound_holds(head, tiny_vllm_model, tmp_path):
+def test_async_replay_half_on_two_ranks_is_exact_generates_only_the_fresh_part_and_the_staleness_bound_holds(head, tiny_vllm_model, tmp_path):
     # max_staleness 0 in async: groups made ahead while the learner trains are one version behind
     # by the time they are read: the bound binds (they are skipped and counted) or provably held.
+    # Two learner ranks: each step's planned replays are split over them (1 + 1), drawn disjoint.
     p = _train(head, _args(tiny_vllm_model, tmp_path, "replay", "--run.mode", "async", "--run.replay_prob", "0.5",
-                           "--run.steps", "6", "--run.max_staleness", "0", "--run.eval_every", "0"))
+                           "--run.steps", "6", "--run.max_staleness", "0", "--run.eval_every", "0",
+                           "--resources.learner_ranks", "2", "--resources.learner_cpus", "0.5"))
     rows, summary = _check_run(p, tmp_path / "replay", tiny_vllm_model, 6)
     b = summary["buffer"]
     # Step 1 has no history (its 2 planned replays counted unavailable); then exactly 2 of 4 a step.
