@@ -743,16 +743,19 @@ class Driver:
             if missing > 0:
                 refs = calls(missing)
 
-    def refill(self, gen_refs: Dict[Any, int], max_backlog: int) -> None:
+    def refill(self, gen_refs: Dict[Any, int], max_backlog: int, need: int = 0) -> None:
         """Async: an idle generator makes the groups the learner will take next (one step's fresh
-        groups at most per call) while fewer than ``max_backlog`` fresh groups wait: generation
-        follows demand, so at any p nothing within the staleness bound is made to be thrown away."""
+        groups at most per call; ``need``, the running step's, where more) while fewer than
+        ``max_backlog`` fresh groups wait: generation follows demand, so at any p nothing within
+        the staleness bound is made to be thrown away."""
         busy = set(gen_refs.values())
         idle = [i for i in range(len(self.generators)) if i not in busy]
         if not idle:
             return
         backlog = self.buffer.stats()["fresh_backlog"]
-        k = min(self.cfg.generator.prompts_per_call, self.cfg.fresh_per_step())
+        k = min(self.cfg.generator.prompts_per_call, max(self.cfg.fresh_per_step(), need))
+        if k < 1:  # p = 1 with a history: nothing fresh is ever taken
+            return
         for i in idle:
             if backlog >= max_backlog:
                 break

@@ -78,8 +78,12 @@ class AsyncLoop:
         while not d.done(elapsed()):
             if d.cfg.run.mode == "offline":
                 step_refs, completions = d.offline_step()
+                need = 0
             else:
-                step_refs, completions = d.learner_step(d.plan_step()), d.cfg.learner.batch_groups * d.cfg.generator.n
+                plan = d.plan_step()
+                step_refs, completions = d.learner_step(plan), d.cfg.learner.batch_groups * d.cfg.generator.n
+                # This step's fresh groups (all of them where the window was short: the first step).
+                need = d.cfg.learner.batch_groups - sum(plan)
             # Keep the generators busy while the learner trains.
             while True:
                 ready, _ = ray.wait(list(self.gen_refs) + step_refs, num_returns=1, timeout=1.0)
@@ -90,7 +94,7 @@ class AsyncLoop:
                     if ref in self.gen_refs:
                         d.gen_outcome(self.gen_refs.pop(ref), ref)
                 if d.generators:
-                    d.refill(self.gen_refs, self.max_backlog)
+                    d.refill(self.gen_refs, max(self.max_backlog, need), need)
             row = d.finish_step(step_refs, completions, elapsed)
             if row is not None:
                 after_step(self, row, elapsed)
