@@ -202,11 +202,13 @@ class Driver:
             self.buffer_url = self.redis.url
             self._redis_watch = RedisWatch(self.redis, max_restarts=REDIS_RESTARTS, log=log).start()
         self.buffer_options = startup.buffer_options(self.cfg)
-        # The driver's own handle: monitoring only (it never samples).
-        self.buffer = ReplayBuffer(self.buffer_url, consumer="driver", name=self.cfg.run.name)
+        # The driver's own handle: monitoring, and how many groups the learner's replay window
+        # holds (plan_step); it never samples.
+        mine = dict(consumer="driver", name=self.cfg.run.name, replay_window=self.buffer_options["replay_window"])
+        self.buffer = ReplayBuffer(self.buffer_url, **mine)
         if not self.cfg.run.resume:
             self.buffer.delete()
-            self.buffer = ReplayBuffer(self.buffer_url, consumer="driver", name=self.cfg.run.name)
+            self.buffer = ReplayBuffer(self.buffer_url, **mine)
 
     def check_redis(self) -> None:
         """The private Redis given up by its watch (it kept dying, or cannot start): the run stops."""

@@ -228,17 +228,21 @@ def test_async_replay_half_on_two_ranks_is_exact_generates_only_the_fresh_part_a
 
 
 def test_sync_replay_generates_only_the_fresh_part_of_each_batch(head, tiny_vllm_model, tmp_path):
-    """The paper's synchronous replay: each step generates round((1 - p) B) groups with the current
-    weights and replays the rest; nothing generated is left over."""
-    # A budget of generated completions (run.max_generated) ends it: 8 + 3 x 2 = 14 after step 4.
+    """The paper's synchronous replay: each step generates the part of the batch that is not
+    replayed, with the current weights; nothing generated is left over. A replay window of 1
+    version binds at step 3 (only step 2's one fresh group is young enough): the driver plans
+    with the window the learner draws from, so the step's other groups are generated fresh."""
+    # A budget of generated completions (run.max_generated) ends it: groups 4 + 1 + 3 + 1 = 9, 18 completions.
     p = _train(head, _args(tiny_vllm_model, tmp_path, "syncreplay", "--run.replay_prob", "0.75", "--run.steps", "0",
-                           "--run.max_generated", "14", "--run.eval_every", "0"))
+                           "--run.max_generated", "18", "--buffer.replay_window", "1", "--run.eval_every", "0"))
     rows, summary = _check_run(p, tmp_path / "syncreplay", tiny_vllm_model, 4)
     b = summary["buffer"]
-    assert [int(float(r["replayed_groups"])) for r in rows] == [0, 3, 3, 3]
-    assert [int(r["generated_samples"]) for r in rows] == [8, 10, 12, 14]  # 4 groups, then 1 a step, 2 completions each
-    assert b["put_groups"] == b["acked"] == 7 and b["stale_skipped"] == 0 and b["fresh_backlog"] == 0
+    assert [int(float(r["replayed_groups"])) for r in rows] == [0, 3, 1, 3]
+    assert [int(r["generated_samples"]) for r in rows] == [8, 10, 16, 18]  # 2 completions a group
+    assert [int(r["replay_unavailable"]) for r in rows] == [3, 3, 5, 5]  # planned 3 a step; the window held 0, 4, 1, 3
+    assert b["put_groups"] == b["acked"] == 9 and b["stale_skipped"] == 0 and b["fresh_backlog"] == 0
     assert all(float(r["fresh_staleness_max"]) == 0 for r in rows)  # every fresh group made by the weights it trained
+    assert all(float(r["replay_age_max"]) <= 1 for r in rows[1:] if r["replay_age_max"])
     _accounted(b, lookahead=0)
 
 
