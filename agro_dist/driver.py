@@ -849,6 +849,13 @@ def check_run_home(cfg: Config) -> None:
                           f"choose another --run.name, or delete it with --run.overwrite true")
 
 
+def _sources(result: Dict[str, Any]) -> str:
+    """" (64 replayed; 96 generated)" where replay or generation happened (offline runs generate none)."""
+    parts = ([f"{result['replayed_samples']} replayed"] if result.get("replayed_samples") else []) + \
+            ([f"{result['generated_samples']} generated"] if result.get("generated_samples") else [])
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def summary_table(result: Dict[str, Any]) -> str:
     b, a = result["before"], result["after"]
     lines = ["", "held-out accuracy      before   after   change",
@@ -857,7 +864,7 @@ def summary_table(result: Dict[str, Any]) -> str:
              f"  greedy               {100 * b['greedy_accuracy']:5.1f}%  {100 * a['greedy_accuracy']:5.1f}%  "
              f"{100 * (a['greedy_accuracy'] - b['greedy_accuracy']):+5.1f} pts",
              f"  (version {int(b['version'])} -> {int(a['version'])}, {int(a['eval_problems'])} problems, "
-             f"{result['samples']} completions trained in {result['steps']} steps, {result['elapsed_s'] / 60:.1f} min)"]
+             f"{result['samples']} completions trained{_sources(result)} in {result['steps']} steps, {result['elapsed_s'] / 60:.1f} min)"]
     return "\n".join(lines)
 
 
