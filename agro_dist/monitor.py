@@ -22,7 +22,8 @@ TRAIN_COLUMNS = [
     "step", "version", "samples", "elapsed_s", "epoch",
     # samples = fresh_samples + replayed_samples (completions trained); generated_samples and
     # generated_tokens: what the generators made (the cost of the data), cumulative.
-    "fresh_samples", "replayed_samples", "generated_samples", "generated_tokens", "replayed_groups", "replay_unavailable", "reward_mean", "kl", "log_ratio", "reg_reward_mean", "loss", "entropy", "grad_norm", "lr",
+    "fresh_samples", "replayed_samples", "generated_samples", "generated_tokens", "replayed_groups", "replay_unavailable",
+    "reward_mean", "kl", "log_ratio", "reg_reward_mean", "loss", "entropy", "grad_norm", "lr",
     "response_len_mean", "behaviour_drift", "fresh_staleness_mean", "fresh_staleness_max", "replay_age_mean", "replay_age_max",
     "replay_fraction", "skipped", "buffer_backlog", "buffer_history",
     "stale_skipped", "generated_groups", "generated_tokens_per_s", "trained_tokens_per_s", "step_s", "wait_s",
@@ -223,8 +224,7 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> str:
             sm = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
             a.plot([r[xk] * scale for r in rows], sm, "-", color="C0", label=f"batch reward (mean of {w})")
         for k, c in (("sampled_accuracy", "C1"), ("greedy_accuracy", "C2")):
-            rows_e, ye = col(ev, k)
-            rows_e = [r for r in rows_e if r.get(xk) is not None]
+            rows_e = [r for r in col(ev, k)[0] if r.get(xk) is not None]  # a resumed run's first evaluation has no count
             a.plot([r[xk] * scale for r in rows_e], [r[k] for r in rows_e], "o-", color=c, label=f"held-out {k.split('_')[0]} accuracy")
         a.set_xlabel(xlabel)
         a.set_ylim(-0.02, 1.02)
