@@ -158,6 +158,9 @@ class Learner:
         if cfg.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
         lr_at(cfg, 0)  # validates the schedule name
+        self.temperature = 1.0 if cfg.temperature is None else float(cfg.temperature)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (the policy scored is softmax(logits / temperature)), got {cfg.temperature}")
         self.loss_fn = get_loss(cfg.loss)
         self.need_token_kl = needs_token_kl(cfg.loss, **cfg.loss_options)
         self.need_ref_hidden = self.need_token_kl or cfg.exact_kl
@@ -303,9 +306,9 @@ class Learner:
         if self.cfg.zero_stage == 3 and model is self.module:
             # ZeRO 3 partitions lm_head's weight outside its forward: call the module per chunk
             # (DeepSpeed gathers the weight) under checkpointing, so the backward recomputes it.
-            lp, ent = module_chunked_logprobs(h, head, targets, chunk=self.cfg.logprob_chunk, entropy=entropy)
+            lp, ent = module_chunked_logprobs(h, head, targets, chunk=self.cfg.logprob_chunk, entropy=entropy, temperature=self.temperature)
         else:
-            lp, ent = chunked_logprobs(h, head.weight, targets, chunk=self.cfg.logprob_chunk, entropy=entropy)
+            lp, ent = chunked_logprobs(h, head.weight, targets, chunk=self.cfg.logprob_chunk, entropy=entropy, temperature=self.temperature)
         full = torch.zeros(mask.shape, dtype=lp.dtype, device=h.device).masked_scatter(mask, lp)
         return full, ent, h
 
@@ -387,7 +390,7 @@ class Learner:
             kl = None
             if self.need_token_kl:
                 W = self.module.get_output_embeddings().weight
-                kl = token_kl(h, W, ref_h, self.ref.get_output_embeddings().weight, chunk=cfg.logprob_chunk)
+                kl = token_kl(h, W, ref_h, self.ref.get_output_embeddings().weight, chunk=cfg.logprob_chunk, temperature=self.temperature)
                 opts["token_kl"] = torch.zeros(mask.shape, dtype=kl.dtype, device=dev).masked_scatter(mask, kl)
             if self.value_head is not None:
                 opts["values"] = self._values(h, mask, mb.group_sizes)
@@ -395,7 +398,7 @@ class Learner:
                 opts["old_logps"] = mb.behaviour_logps.to(dev)
             if not self.need_token_kl and cfg.exact_kl:
                 kl = token_kl_metric(h.detach(), self.module.get_output_embeddings(), ref_h,
-                                     self.ref.get_output_embeddings(), chunk=cfg.logprob_chunk)
+                                     self.ref.get_output_embeddings(), chunk=cfg.logprob_chunk, temperature=self.temperature)
             loss, m = self._loss(logps, ref_lp.to(dev), mask, mb, opts)
             m = dict(m)
             m["loss"] = loss.detach()  # the surrogate whose gradient is applied (the sum of the loss_* parts)

@@ -7,6 +7,10 @@ chunk's logits in the backward pass (a custom autograd function), so the peak ex
 one chunk of logits, not the batch's. Only the positions the loss needs (response tokens) are
 computed at all.
 
+Every function takes the sampling ``temperature`` T: the policy scored is ``softmax(logits / T)``,
+the distribution a generator sampling at T draws from (TRL, verl and OpenRLHF divide the same
+way), so on-policy data is on-policy for the learner too. T = 1 is the model's own distribution.
+
 The same pass gives, without gradient, the entropy of the policy at each position (a metric).
 ``token_kl`` computes the full-vocabulary KL(pi || pi_ref) per position *with* gradient, for
 the losses that need it (``kl_pg`` and the ``local`` estimator); it keeps each chunk's graph,
@@ -23,10 +27,10 @@ Tensor = torch.Tensor
 
 
 class _ChunkedLogProb(torch.autograd.Function):
-    """logp[i] = log softmax(h[i] @ W.T)[y[i]], computed and differentiated chunk by chunk."""
+    """logp[i] = log softmax(h[i] @ W.T / T)[y[i]], computed and differentiated chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, W: Tensor, y: Tensor, chunk: int, want_entropy: bool):
+    def forward(ctx, h: Tensor, W: Tensor, y: Tensor, chunk: int, want_entropy: bool, inv_t: float):
         N = h.shape[0]
         logp = torch.empty(N, dtype=torch.float32, device=h.device)
         lse = torch.empty(N, dtype=torch.float32, device=h.device)
@@ -34,6 +38,8 @@ class _ChunkedLogProb(torch.autograd.Function):
         Wf = W.float()
         for s in range(0, N, chunk):
             logits = h[s:s + chunk].float() @ Wf.T
+            if inv_t != 1.0:
+                logits = logits * inv_t
             l = torch.logsumexp(logits, dim=-1)
             lse[s:s + chunk] = l
             logp[s:s + chunk] = logits.gather(1, y[s:s + chunk, None]).squeeze(1) - l
@@ -42,6 +48,7 @@ class _ChunkedLogProb(torch.autograd.Function):
                 ent[s:s + chunk] = l - (p * logits).sum(-1)
         ctx.save_for_backward(h, W, y, lse)
         ctx.chunk = chunk
+        ctx.inv_t = inv_t
         if want_entropy:
             ctx.mark_non_differentiable(ent)
             return logp, ent
@@ -50,16 +57,22 @@ class _ChunkedLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp: Tensor, _grad_ent: Tensor):
         h, W, y, lse = ctx.saved_tensors
-        chunk = ctx.chunk
+        chunk, inv_t = ctx.chunk, ctx.inv_t
         Wf = W.float()
         grad_h = torch.zeros_like(h, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         grad_W = torch.zeros_like(Wf) if ctx.needs_input_grad[1] else None
         for s in range(0, h.shape[0], chunk):
             hc = h[s:s + chunk].float()
             g = grad_logp[s:s + chunk].float()
-            # d logp / d logits = onehot(y) - softmax(logits)
-            dlogits = -torch.exp(hc @ Wf.T - lse[s:s + chunk, None]) * g[:, None]
+            # d logp / d z = onehot(y) - softmax(z) for the tempered logits z = h W^T / T,
+            # and d z / d(h W^T) = 1 / T.
+            z = hc @ Wf.T
+            if inv_t != 1.0:
+                z = z * inv_t
+            dlogits = -torch.exp(z - lse[s:s + chunk, None]) * g[:, None]
             dlogits.scatter_add_(1, y[s:s + chunk, None], g[:, None])
+            if inv_t != 1.0:
+                dlogits = dlogits * inv_t
             if grad_h is not None:
                 grad_h[s:s + chunk] = dlogits @ Wf
             if grad_W is not None:
@@ -70,13 +83,20 @@ class _ChunkedLogProb(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
+def _inv_temperature(temperature: float) -> float:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return 1.0 / float(temperature)
+
+
 def chunked_logprobs(
-    h: Tensor, W: Tensor, y: Tensor, *, chunk: int = 1024, entropy: bool = False
+    h: Tensor, W: Tensor, y: Tensor, *, chunk: int = 1024, entropy: bool = False, temperature: float = 1.0
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """log softmax(h @ W.T)[y] for flat positions ``h`` [N, H], ``y`` [N]; float32 [N].
+    """log softmax(h @ W.T / temperature)[y] for flat positions ``h`` [N, H], ``y`` [N]; float32 [N].
 
     Differentiable in ``h`` and ``W`` (a tied embedding gets its gradient through ``W``).
     Returns (logp, entropy or None).
@@ -85,20 +105,22 @@ def chunked_logprobs(
         raise ValueError(f"expected h [N, H] and y [N], got {list(h.shape)} and {list(y.shape)}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    logp, ent = _ChunkedLogProb.apply(h, W, y, int(chunk), bool(entropy))
+    logp, ent = _ChunkedLogProb.apply(h, W, y, int(chunk), bool(entropy), _inv_temperature(temperature))
     return logp, (ent if entropy else None)
 
 
 def module_chunked_logprobs(
-    h: Tensor, head: torch.nn.Module, y: Tensor, *, chunk: int = 1024, entropy: bool = False
+    h: Tensor, head: torch.nn.Module, y: Tensor, *, chunk: int = 1024, entropy: bool = False, temperature: float = 1.0
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Like ``chunked_logprobs`` but calling the output-projection module per chunk, under
     activation checkpointing (the backward recomputes the chunk's logits). For ZeRO 3, where the
     module's weight exists only while the module runs."""
     from torch.utils.checkpoint import checkpoint
 
+    inv_t = _inv_temperature(temperature)
+
     def one(hc, yc):
-        logits = head(hc).float()
+        logits = head(hc).float() * inv_t
         return logits.gather(1, yc[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
     out, ents = [], []
@@ -106,40 +128,44 @@ def module_chunked_logprobs(
         out.append(checkpoint(one, h[s:s + chunk], y[s:s + chunk], use_reentrant=False))
         if entropy:
             with torch.no_grad():
-                lg = head(h[s:s + chunk]).float()
+                lg = head(h[s:s + chunk]).float() * inv_t
                 p = torch.log_softmax(lg, -1)
                 ents.append(-(p.exp() * p).sum(-1))
     empty = h.new_zeros(0, dtype=torch.float32)
     return (torch.cat(out) if out else empty), ((torch.cat(ents) if ents else empty) if entropy else None)
 
 
-def naive_logprobs(h: Tensor, W: Tensor, y: Tensor) -> Tensor:
+def naive_logprobs(h: Tensor, W: Tensor, y: Tensor, temperature: float = 1.0) -> Tensor:
     """The reference: full float32 logits, log_softmax, gather (tests compare against it)."""
-    return torch.log_softmax(h.float() @ W.float().T, dim=-1).gather(1, y[:, None]).squeeze(1)
+    return torch.log_softmax(h.float() @ W.float().T / temperature, dim=-1).gather(1, y[:, None]).squeeze(1)
 
 
-def token_kl(h: Tensor, W: Tensor, h_ref: Tensor, W_ref: Tensor, *, chunk: int = 1024) -> Tensor:
-    """Full-vocabulary KL(pi(.|pos) || pi_ref(.|pos)) per position [N], gradient to ``h``/``W``."""
+def token_kl(h: Tensor, W: Tensor, h_ref: Tensor, W_ref: Tensor, *, chunk: int = 1024, temperature: float = 1.0) -> Tensor:
+    """Full-vocabulary KL(pi(.|pos) || pi_ref(.|pos)) per position [N], gradient to ``h``/``W``
+    (both policies at ``temperature``)."""
+    inv_t = _inv_temperature(temperature)
     out = []
     for s in range(0, h.shape[0], chunk):
-        lp = torch.log_softmax(h[s:s + chunk].float() @ W.float().T, dim=-1)
+        lp = torch.log_softmax(h[s:s + chunk].float() @ W.float().T * inv_t, dim=-1)
         with torch.no_grad():
-            lq = torch.log_softmax(h_ref[s:s + chunk].float() @ W_ref.float().T, dim=-1)
+            lq = torch.log_softmax(h_ref[s:s + chunk].float() @ W_ref.float().T * inv_t, dim=-1)
         out.append((lp.exp() * (lp - lq)).sum(-1))
     return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 
 
 @torch.no_grad()
-def token_kl_metric(h: Tensor, head: torch.nn.Module, h_ref: Tensor, head_ref: torch.nn.Module, *, chunk: int = 1024) -> Tensor:
+def token_kl_metric(h: Tensor, head: torch.nn.Module, h_ref: Tensor, head_ref: torch.nn.Module, *, chunk: int = 1024,
+                    temperature: float = 1.0) -> Tensor:
     """Full-vocabulary KL(pi(.|pos) || pi_ref(.|pos)) per position [N], float32, no gradient: the
     KL the learner *reports*. Exact at every position whatever sampled the prefix, so it stays a
     KL (>= 0) off-policy, where the mean sampled log-ratio log pi(y)/pi_ref(y) does not (the tokens
     were drawn from another policy); rounding can take a position just below 0, which the
     learner's report clamps (as it does ``token_kl``'s). Calls the output modules (ZeRO 3 gathers
-    the weight)."""
+    the weight). Both policies at ``temperature``."""
+    inv_t = _inv_temperature(temperature)
     out = []
     for s in range(0, h.shape[0], chunk):
-        lp = torch.log_softmax(head(h[s:s + chunk]).float(), dim=-1)
-        lq = torch.log_softmax(head_ref(h_ref[s:s + chunk]).float(), dim=-1)
+        lp = torch.log_softmax(head(h[s:s + chunk]).float() * inv_t, dim=-1)
+        lq = torch.log_softmax(head_ref(h_ref[s:s + chunk]).float() * inv_t, dim=-1)
         out.append((lp.exp() * (lp - lq)).sum(-1))
     return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)

@@ -28,32 +28,35 @@ HERE = os.path.dirname(__file__)
 # ----------------------------------------------------------------------------- log-probs
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
-def test_chunked_logprobs_equal_naive_values_gradients_entropy(chunk):
+@pytest.mark.parametrize("chunk,temperature", [(1, 1.0), (7, 1.0), (64, 1.0), (4096, 1.0), (7, 0.7), (4096, 1.6)])
+def test_chunked_logprobs_equal_naive_values_gradients_entropy(chunk, temperature):
+    """Values, gradients in h and W, and the entropy of softmax(h W^T / T) against full logits
+    (T 0.7: the default sampling temperature, which the learner scores at)."""
     g = torch.Generator().manual_seed(1)
     N, H, V = 97, 24, 300
     h = torch.randn(N, H, generator=g).requires_grad_(True)
     W = torch.randn(V, H, generator=g).requires_grad_(True)
     y = torch.randint(0, V, (N,), generator=g)
     w = torch.randn(N, generator=g)
-    lp, ent = chunked_logprobs(h, W, y, chunk=chunk, entropy=True)
-    ref = naive_logprobs(h, W, y)
+    lp, ent = chunked_logprobs(h, W, y, chunk=chunk, entropy=True, temperature=temperature)
+    ref = naive_logprobs(h, W, y, temperature)
     assert (lp - ref).abs().max() < 1e-5
     g1 = torch.autograd.grad((lp * w).sum(), (h, W))
     g2 = torch.autograd.grad((ref * w).sum(), (h, W))
     for a, b in zip(g1, g2):
         assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
     # Entropy (a metric) against float64: float32 rounding grows with |logits| (~20 here).
-    full = torch.log_softmax(h.detach().double() @ W.detach().double().T, -1)
+    full = torch.log_softmax(h.detach().double() @ W.detach().double().T / temperature, -1)
     assert (ent.double() - -(full.exp() * full).sum(-1)).abs().max() < 1e-4
 
 
-def test_token_kl_matches_full_vocabulary_kl():
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_kl_matches_full_vocabulary_kl(temperature):
     g = torch.Generator().manual_seed(2)
     h, hr = torch.randn(10, 8, generator=g).requires_grad_(True), torch.randn(10, 8, generator=g)
     W, Wr = torch.randn(30, 8, generator=g), torch.randn(30, 8, generator=g)
-    kl = token_kl(h, W, hr, Wr, chunk=3)
-    p, q = torch.log_softmax(h @ W.T, -1), torch.log_softmax(hr @ Wr.T, -1)
+    kl = token_kl(h, W, hr, Wr, chunk=3, temperature=temperature)
+    p, q = torch.log_softmax(h @ W.T / temperature, -1), torch.log_softmax(hr @ Wr.T / temperature, -1)
     ref = (p.exp() * (p - q)).sum(-1)
     assert (kl - ref).abs().max() < 1e-5
     assert (torch.autograd.grad(kl.sum(), h)[0] - torch.autograd.grad(ref.sum(), h)[0]).abs().max() < 1e-5
