@@ -1,8 +1,9 @@
 """The generator: a vLLM engine that samples groups of scored completions for a task.
 
 ``Generator`` draws prompts from a task, samples ``n`` completions per prompt with the current
-weights, records each sampled token's log-probability (the behaviour log-probs; vLLM's default
-``raw_logprobs``: the untempered model distribution, the same quantity the learner computes),
+weights, records each sampled token's log-probability under the distribution it was drawn from
+(the behaviour log-probs: vLLM's ``processed_logprobs``, i.e. after the temperature and top-p; the
+learner scores at the same temperature, so on-policy they are the learner's own log-probs),
 scores them with the task's reward function (time-limited worker processes), and returns
 ``agro_dist.records.Group``s tagged with the weights' version. ``GeneratorActor`` is the same as
 a Ray actor, optionally putting its groups straight into the replay buffer.
@@ -17,6 +18,7 @@ Calls on one generator are sequential, so weights never change in the middle of 
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
@@ -68,6 +70,25 @@ class GeneratorConfig:
     vllm: Dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments
 
 
+def _read_safetensors(path: str) -> Dict[str, "torch.Tensor"]:
+    """The tensors of a ``.safetensors`` file or a folder of them, with a tied output head named
+    too: ``save_pretrained`` leaves ``lm_head.weight`` out when it is the embedding, and vLLM's
+    in-place reload keeps a layer's old tensor when no weight arrives for it, so a folder loaded
+    after a learner's publish left the published head in place (measured: log-probs 0.56 off the
+    folder's model on the tiny test model)."""
+    from safetensors.torch import load_file
+
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {path}")
+    sd: Dict[str, Any] = {}
+    for f in files:
+        sd.update(load_file(f))
+    if "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    return sd
+
+
 class Generator:
     def __init__(self, cfg: Union[GeneratorConfig, Dict[str, Any]]):
         self.cfg = cfg = cfg if isinstance(cfg, GeneratorConfig) else GeneratorConfig(**cfg)
@@ -81,7 +102,10 @@ class Generator:
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         kw = dict(model=self.model_path, dtype=dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
                   enforce_eager=not on_gpu, gpu_memory_utilization=0.5 if not on_gpu else 0.85,
-                  use_tqdm_on_load=False)  # a progress bar per (re)start in the run's log
+                  use_tqdm_on_load=False,  # a progress bar per (re)start in the run's log
+                  # The sampler's own log-probs (after temperature and top-p), not the untempered
+                  # model's: grpo's ratio and behaviour_drift divide by what actually sampled.
+                  logprobs_mode="processed_logprobs")
         # CPU: the KV cache is allocated whole at start-up, so its size is resident memory for the
         # engine's life. A user's VLLM_CPU_KVCACHE_SPACE (whole GiB) still wins, as in vLLM.
         if not on_gpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and "kv_cache_memory_bytes" not in cfg.vllm:
@@ -195,9 +219,8 @@ class Generator:
         if is_packed(weights):  # the learner actor's publish: tensors over the object store's memory
             weights = unpack(weights)
         if isinstance(weights, str):
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights, "is_checkpoint_format": True})
-        else:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()), "is_checkpoint_format": True})
+            weights = _read_safetensors(weights)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.version = int(version)
         dt = time.perf_counter() - t

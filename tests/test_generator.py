@@ -96,7 +96,46 @@ def test_weights_published_by_the_learner_make_vllm_sample_exactly_the_learners_
             worst = max(worst, (torch.tensor(c.logprobs) - ref).abs().max().item())
     print(f"\nvLLM after a learner update vs the learner's log-probs: max difference {worst:.2e}")
     assert worst < 1e-4
-    gen.update_weights(0, tiny_vllm_model)  # back to the initial weights for the tests below
+    # Back to the initial weights from the folder (the tests below need them). save_pretrained left
+    # the tied lm_head out of the file; vLLM kept the published head until the generator named it.
+    gen.update_weights(0, tiny_vllm_model)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_vllm_model, dtype=torch.float32).eval()
+    back = max((torch.tensor(c.logprobs) - ref).abs().max().item() for g in gen.generate() for c, ref in zip(g.completions, _hf_logprobs(hf, g)))
+    print(f"after reloading the folder: max difference from its model {back:.2e}")
+    assert back < 1e-4
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_learner_scores_sampled_tokens_exactly_as_the_sampler_drew_them(gen, tiny_vllm_model, temperature):
+    """On-policy means on-policy: the learner scores softmax(logits / T), and the generator stores
+    vLLM's processed log-probs (after the temperature), so for a group sampled at T (0.7, the
+    default, and 1) the learner's per-token log-probs equal the sampler's. Tolerance 1e-4: the two
+    are float32 forwards of the same weights by different kernels (vLLM's CPU attention against
+    torch's), ~1e-5 apart on this model. At T 0.7 a learner scoring at T 1 (the old behaviour) is
+    ~10-100x that far off, so the check can fail."""
+    from agro_dist.learner import Learner, LearnerConfig
+    from agro_dist.learner.batching import collate
+
+    gen.cfg.temperature = temperature
+    try:
+        groups = gen.generate()
+    finally:
+        gen.cfg.temperature = 1.0
+    mb = collate(groups)
+    gaps = {}
+    for t_learner in {temperature, 1.0}:
+        learner = Learner(LearnerConfig(model=tiny_vllm_model, batch_groups=3, micro_groups=3, temperature=t_learner))
+        with torch.no_grad():
+            full, _, _ = learner._logprobs(learner.module.eval(), mb)
+        ours = full[mb.resp_mask]
+        theirs = torch.cat([torch.tensor(c.logprobs) for g in groups for c in g.completions])
+        gaps[t_learner] = (ours - theirs).abs().max().item()
+        del learner
+    print(f"\nT {temperature}: learner at T vs vLLM processed log-probs, max difference {gaps[temperature]:.2e}; "
+          f"learner at T 1: {gaps[1.0]:.2e}")
+    assert gaps[temperature] < 1e-4
+    if temperature != 1.0:
+        assert gaps[1.0] > 1e-2
 
 
 def test_evaluation_reports_greedy_and_sampled_accuracy(gen):
