@@ -45,6 +45,7 @@ LossFn = Callable[..., Tuple[Tensor, Metrics]]
 LOSSES: Dict[str, LossFn] = {}
 
 KL_ESTIMATORS = ("sequence", "causal", "local")
+LR_BASELINES = ("none", "loo", "loo_var")
 
 
 def register(name: str) -> Callable[[LossFn], LossFn]:
@@ -80,6 +81,21 @@ def min_group_size(name: str) -> int:
     group std), 1 for ``agro_single`` (its value head is the baseline)."""
     get_loss(name)
     return 1 if name == "agro_single" else 2
+
+
+# Losses whose estimator assumes y ~ pi, the current policy (docs/losses.md, "data"): agro_on's
+# likelihood-ratio term differentiates the sampling distribution, rloo estimates grad J only
+# on-policy. kl_pg (the paper's off-policy baseline, shown failing there) and grpo (its ratio
+# corrects near-on-policy data) stay allowed on any data, as the paper and TRL use them.
+ON_POLICY_LOSSES = ("agro_on", "rloo")
+
+
+def needs_on_policy_data(name: str, **options) -> bool:
+    """Whether ``name`` with ``options`` is valid only for samples of the current policy: the
+    driver refuses it for stale (async), replayed, logged (offline) and pi_ref (frozen) data.
+    The causal and local KL estimators (options of the two) are on-policy too."""
+    get_loss(name)
+    return name in ON_POLICY_LOSSES or options.get("kl_estimator", "sequence") != "sequence"
 
 
 def needs_behaviour_logprobs(name: str) -> bool:
@@ -158,6 +174,15 @@ def _loo_mean(x: Tensor) -> Tensor:
     """Leave-one-out mean along dim 1 of a [P, n, ...] tensor: b_i = 1/(n-1) sum_{j != i} x_j."""
     n = x.shape[1]
     return (x.sum(1, keepdim=True) - x) / (n - 1)
+
+
+def _loo_var(x: Tensor) -> Tensor:
+    """Leave-one-out unbiased sample variance along dim 1 of [P, n] (n >= 3): for each i, the
+    variance (divisor n - 2) of the other n - 1 values."""
+    n = x.shape[1]
+    m = _loo_mean(x)  # [P, n]: the others' mean for each i
+    dev2 = (x[:, None, :] - m[:, :, None]).square()  # [P, i, j] = (x_j - m_i)^2, centred: no cancellation
+    return (dev2.sum(-1) - dev2.diagonal(dim1=1, dim2=2)) / (n - 2)
 
 
 def _reg_coefficients(lr_tok: Tensor, mask: Tensor, estimator: str, token_kl: Tensor | None) -> Tensor:
@@ -296,8 +321,14 @@ def agro_on(
       the likelihood-ratio term from differentiating the sampling distribution.
       ``lr_baseline="loo"`` subtracts the leave-one-out mean of the other q_j (the paper's
       lower-variance variant, Section 5.2; biased because b_j contains R_i).
+      ``lr_baseline="loo_var"`` subtracts ``n/(n-1) * s2_{-i}``, the unbiased sample variance of
+      the *other* n - 1 regularised rewards scaled by ``n/(n-1)`` (needs ``n >= 3``): the paper's
+      "subtract the variance of R as a baseline without introducing bias" (Section 4.2). Since
+      ``E[q_i | y_i] = (R_i - V)^2 + s2/(n-1)`` and ``E[n/(n-1) s2_{-i}] = s2 + s2/(n-1)``, the
+      coefficient's expectation is ``(R_i - V)^2 - s2``, the LR term with its free baseline
+      ``s2`` (AGRO-MATH, "Gradients"); the baseline does not depend on ``y_i``, so no bias.
 
-    Unbiased for ``-grad L_on / beta`` (Proposition 4) with ``lr_baseline="none"``.
+    Unbiased for ``-grad L_on / beta`` (Proposition 4) with ``lr_baseline="none"`` or ``"loo_var"``.
     ``beta`` must be > 0 (``g_LR`` is scaled by 1/beta): use ``agro_off`` for ``beta = 0``.
     """
     if float(beta) == 0.0:
@@ -305,14 +336,20 @@ def agro_on(
             "agro_on: beta must be > 0 (its likelihood-ratio term is scaled by 1/(2 beta)); "
             "for beta = 0 use agro_off, which is REINFORCE with a leave-one-out baseline"
         )
-    if lr_baseline not in ("none", "loo"):
-        raise ValueError(f"agro_on: lr_baseline must be 'none' or 'loo', got {lr_baseline!r}")
+    if lr_baseline not in LR_BASELINES:
+        raise ValueError(f"agro_on: lr_baseline must be one of {', '.join(LR_BASELINES)}, got {lr_baseline!r}")
+    if lr_baseline == "loo_var" and group_size < 3:
+        raise ValueError(f"agro_on: lr_baseline 'loo_var' estimates the variance of R from the other n - 1 samples of a group: "
+                         f"it needs n >= 3 (generator.n), got group_size {group_size}")
     logps, ref_logps, mask, _, beta = _check(logps, ref_logps, mask, rewards, group_size, beta, loss="agro_on")
     B, T = logps.shape
     loss_pd, metrics, adv = _pd_surrogate(logps, ref_logps, mask, rewards, group_size, beta, kl_estimator, token_kl, loss="agro_on")
     q = adv.square()
     if lr_baseline == "loo":
         q = q - _loo_mean(q)
+    elif lr_baseline == "loo_var":
+        R = rewards.to(logps.dtype) - beta * (logps - ref_logps).detach().sum(-1)  # padding is zero (_check)
+        q = q - group_size / (group_size - 1) * _loo_var(R.view(-1, group_size))
     loss_lr = (q.reshape(B) * logps.sum(-1)).sum() / (2 * beta * B)
     metrics["loss_lr"] = loss_lr.detach()
     return loss_pd + loss_lr, metrics

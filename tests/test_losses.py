@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agro_dist.losses import LOSSES, get_loss, kl_surrogate, needs_token_kl
+from agro_dist.losses import LOSSES, get_loss, kl_surrogate, needs_on_policy_data, needs_token_kl
 
 F64 = torch.float64
 
@@ -112,7 +112,14 @@ def _loop_reference_grad(logps, ref, mask, rewards, token_kl, n, beta, *, estima
         q = {i: adv[i] ** 2 for i in rows}
         for i in rows:
             b_r = sum(rewards[j].item() for j in rows if j != i) / (n - 1)
-            q_i = q[i] - (sum(q[j] for j in rows if j != i) / (n - 1) if lr_baseline == "loo" else 0.0)
+            others = [j for j in rows if j != i]
+            if lr_baseline == "loo":
+                q_i = q[i] - sum(q[j] for j in others) / (n - 1)
+            elif lr_baseline == "loo_var":  # n/(n-1) times the others' unbiased sample variance of R
+                mean_o = sum(R[j] for j in others) / (n - 1)
+                q_i = q[i] - n / (n - 1) * sum((R[j] - mean_o) ** 2 for j in others) / (n - 2)
+            else:
+                q_i = q[i]
             for t in range(T):
                 if not m[i][t]:
                     continue
@@ -134,6 +141,8 @@ def _loop_reference_grad(logps, ref, mask, rewards, token_kl, n, beta, *, estima
         ("agro_on", dict(kl_estimator="sequence")),
         ("agro_on", dict(kl_estimator="causal", lr_baseline="loo")),
         ("agro_on", dict(kl_estimator="local")),
+        ("agro_on", dict(kl_estimator="sequence", lr_baseline="loo_var")),
+        ("agro_on", dict(kl_estimator="causal", lr_baseline="loo_var")),
     ],
 )
 def test_gradient_matches_token_loop_reference(name, opts):
@@ -394,6 +403,8 @@ def test_required_extras_and_options_are_checked():
         get_loss("rloo")(logps, ref, mask, rewards, group_size=4, beta=0.1, kl_estimator="sequential")
     with pytest.raises(ValueError, match="lr_baseline must be"):
         get_loss("agro_on")(logps, ref, mask, rewards, group_size=4, beta=0.1, lr_baseline="mean")
+    with pytest.raises(ValueError, match="loo_var.*needs n >= 3"):
+        get_loss("agro_on")(logps, ref, mask, rewards, group_size=2, beta=0.1, lr_baseline="loo_var")
     with pytest.raises(ValueError, match="agro_on: beta must be > 0"):
         get_loss("agro_on")(logps, ref, mask, rewards, group_size=4, beta=0.0)
     with pytest.raises(ValueError, match="dpo: beta must be > 0"):
@@ -410,6 +421,11 @@ def test_registry():
         get_loss("agro")
     assert needs_token_kl("kl_pg") and needs_token_kl("agro_on", kl_estimator="local")
     assert not needs_token_kl("agro_off") and not needs_token_kl("rloo", kl_estimator="causal")
+    # Which losses the driver refuses on stale, replayed, logged or pi_ref data (docs/losses.md, "data").
+    assert needs_on_policy_data("agro_on") and needs_on_policy_data("rloo")
+    assert needs_on_policy_data("rloo", kl_estimator="local") and needs_on_policy_data("agro_on", lr_baseline="loo_var")
+    for name in ("agro_off", "kl_pg", "grpo", "agro_single", "dpo"):
+        assert not needs_on_policy_data(name), name
 
 
 def test_bfloat16_inputs_are_computed_in_float32():
