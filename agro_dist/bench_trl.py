@@ -14,7 +14,8 @@ backend asked for. TRL is configured as close to the default run as it allows (`
   (the task's ``numeric`` reward function);
 - 8 prompts x ``num_generations=4`` per optimizer step (``per_device_train_batch_size=16`` x
   ``gradient_accumulation_steps=2``, our micro-batches of 4 groups), ``max_completion_length=12``,
-  ``temperature=0.7``, ``top_p=1``, ``learning_rate=1e-5`` constant, ``beta=0.05`` (TRL then keeps a
+  ``temperature=0.7`` (both learners score the policy at that temperature: TRL divides its logits
+  by it, agro_dist's ``learner.temperature`` defaults to the generators'), ``top_p=1``, ``learning_rate=1e-5`` constant, ``beta=0.05`` (TRL then keeps a
   reference model, as we do), ``max_grad_norm=1.0``, AdamW with TRL's defaults (ours: the same
   betas and eps, no weight decay), ``seed=0``; TRL's default loss (``loss_type``) and reward scaling;
 - generation: ``hf`` (transformers' ``generate``, TRL's default) or ``vllm`` (TRL's colocated vLLM

@@ -219,9 +219,13 @@ HELP: Dict[str, str] = {
     "generator.vllm": "extra vllm.LLM arguments, e.g. {gpu_memory_utilization: 0.5}",
     # learner
     "learner.ref_model": "reference model folder; default: the policy's initial weights",
-    "learner.loss": "agro_off, agro_on, rloo, kl_pg, grpo, agro_single or dpo",
-    "learner.loss_options": "loss arguments, e.g. {kl_estimator: causal}",
+    "learner.loss": "agro_off (any data), agro_on or rloo (samples of the current policy only: run.mode sync, run.replay_prob 0, "
+                    "generator.top_p 1; refused otherwise), kl_pg, grpo, agro_single or dpo",
+    "learner.loss_options": "loss arguments, e.g. {kl_estimator: causal} (on-policy only), agro_on's {lr_baseline: none | loo | loo_var}",
     "learner.beta": "KL regularisation strength",
+    "learner.temperature": "the learner scores the policy and the reference as softmax(logits / T): the distribution the "
+                           "generators sample (KL, log-ratio, entropy are of these tempered policies); null = generator.temperature "
+                           "(1 if that is 0). agro_on and rloo need it equal to generator.temperature",
     "learner.batch_groups": "groups (prompts) per optimizer step, over all ranks",
     "learner.micro_groups": "groups per forward/backward on one rank",
     "learner.micro_tokens": "> 0: micro-batches by tokens instead (padding included, whole groups); ZeRO 0-2",
@@ -325,9 +329,17 @@ class Config:
             d["reward_fn"] = g.reward_fn if same else None  # another task is scored by its own reward
         return d
 
+    @property
+    def learner_temperature(self) -> float:
+        """The temperature the learner scores at: ``learner.temperature``, else the generators'
+        (1 when they sample greedily, which has no tempered distribution)."""
+        if self.learner.temperature is not None:
+            return float(self.learner.temperature)
+        return float(self.generator.temperature) if self.generator.temperature > 0 else 1.0
+
     def learner_config(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self.learner)
-        d.update(model=self.model, seed=self.run.seed)
+        d.update(model=self.model, seed=self.run.seed, temperature=self.learner_temperature)
         return d
 
 
@@ -433,8 +445,8 @@ def load(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
 # Settings a resumed run keeps from its saved config.yaml: its checkpoint was made with them (the
 # weights' shapes, DeepSpeed's optimizer partitioning, the ranks' files, the value head). Given with
 # another value on resume they are refused; every other key may change (steps, lr, eval, data, ...).
-RESUME_FIXED = ("model", "learner.ref_model", "learner.loss", "learner.zero_stage", "learner.offload_optimizer", "learner.dtype",
-                "resources.learner_ranks")
+RESUME_FIXED = ("model", "learner.ref_model", "learner.loss", "learner.temperature", "learner.zero_stage", "learner.offload_optimizer",
+                "learner.dtype", "resources.learner_ranks")
 
 
 def _get(cfg: Config, key: str) -> Any:
@@ -533,8 +545,48 @@ def validate(cfg: Config) -> None:
     if lc.batch_groups % res.learner_ranks or (not lc.micro_tokens and (lc.batch_groups // res.learner_ranks) % lc.micro_groups):
         raise ConfigError(f"learner.batch_groups ({lc.batch_groups}) must split into resources.learner_ranks ({res.learner_ranks}) "
                           f"x a multiple of learner.micro_groups ({lc.micro_groups})")
+    t = lc.temperature
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
+        raise ConfigError(f"learner.temperature must be a number > 0 or null (= generator.temperature), got {t!r}")
+    _check_on_policy(cfg)
     if not os.environ.get("AGRO_ALLOW_REDIS_6379") and cfg.buffer.redis_port == 6379:
         raise ConfigError("buffer.redis_port 6379 is Ray's default GCS port; pick another")
+
+
+def _check_on_policy(cfg: Config) -> None:
+    """Refuse a loss that assumes samples of the current policy (agro_on, rloo, the causal and
+    local KL estimators) on any other data, before anything starts: it would run, and silently
+    estimate something else."""
+    from agro_dist.losses import get_loss, needs_on_policy_data  # torch: only when a run is validated
+
+    lc, r, g = cfg.learner, cfg.run, cfg.generator
+    try:
+        get_loss(lc.loss)
+    except ValueError as e:
+        raise ConfigError(f"learner.loss: {e}") from None
+    if not isinstance(lc.loss_options, dict) or not needs_on_policy_data(lc.loss, **lc.loss_options):
+        return
+    if lc.loss_options.get("lr_baseline") == "loo_var" and g.n < 3:
+        raise ConfigError(f"learner.loss_options lr_baseline loo_var estimates the variance of R from the other n - 1 completions "
+                          f"of a group: it needs generator.n >= 3 (got {g.n})")
+    what = f"learner.loss {lc.loss}" + (f" with loss_options {lc.loss_options}" if lc.loss_options else "")
+    why = None
+    if r.mode != "sync":
+        why = {"async": "run.mode async trains on groups sampled by earlier weights (up to run.max_staleness versions old)",
+               "frozen": "run.mode frozen trains on samples of pi_ref, not of the policy being trained",
+               "offline": "run.mode offline trains on logged data from another sampler"}.get(r.mode, f"run.mode is {r.mode}")
+    elif r.replay_prob == "auto" or r.replay_prob:
+        why = f"run.replay_prob {r.replay_prob} replays groups sampled by earlier weights"
+    elif g.temperature <= 0:
+        why = "generator.temperature 0 samples greedily, not from the policy"
+    elif g.top_p < 1:
+        why = f"generator.top_p {g.top_p} samples from a truncated policy, which the learner does not score"
+    elif abs(cfg.learner_temperature - g.temperature) > 1e-12:
+        why = (f"learner.temperature {cfg.learner_temperature:g} scores another policy than the one generator.temperature "
+               f"{g.temperature:g} samples")
+    if why:
+        raise ConfigError(f"{what} assumes samples of the current policy (y ~ pi), but {why}. Use learner.loss agro_off, which is "
+                          "unbiased for data from any sampler (or run.mode sync with run.replay_prob 0 for an on-policy loss)")
 
 
 def check_tasks(cfg: Config) -> None:

@@ -48,6 +48,24 @@ def test_command_line_wins_over_the_file_which_wins_over_the_defaults(tmp_path):
     (["--learner.pack", "packed"], "learner.pack must be prefix, rows, none"),
     (["--learner.gradient_checkpointing", "true"], "learner.pack prefix keeps the prompts' keys and values"),
     (["--run.mode", "frozen", "--run.eval_engine", "generator"], "run.eval_engine=generator needs generators that follow the learner"),
+    (["--learner.temperature", "0"], "learner.temperature must be a number > 0 or null"),
+    (["--learner.temperature", "hot"], "learner.temperature must be a number > 0 or null"),
+    (["--learner.loss", "agro"], "learner.loss: unknown loss 'agro'"),
+    # Losses that assume y ~ pi, on any other data: named, with the loss to use instead.
+    (["--learner.loss", "agro_on", "--run.mode", "async"], "learner.loss agro_on assumes samples of the current policy (y ~ pi), "
+                                                           "but run.mode async trains on groups sampled by earlier weights"),
+    (["--learner.loss", "rloo", "--run.mode", "frozen"], "learner.loss rloo assumes samples of the current policy (y ~ pi), but run.mode frozen"),
+    (["--learner.loss", "agro_on", "--run.mode", "offline", "--data.path", "x.jsonl"], "but run.mode offline trains on logged data"),
+    (["--learner.loss", "agro_on", "--run.replay_prob", "0.25"], "but run.replay_prob 0.25 replays groups sampled by earlier weights"),
+    (["--learner.loss", "agro_on", "--generator.top_p", "0.9"], "but generator.top_p 0.9 samples from a truncated policy"),
+    (["--learner.loss", "agro_on", "--generator.temperature", "0"], "but generator.temperature 0 samples greedily"),
+    (["--learner.loss", "rloo", "--learner.temperature", "1"], "but learner.temperature 1 scores another policy than the one "
+                                                               "generator.temperature 0.7 samples"),
+    (["--learner.loss_options", "{kl_estimator: causal}", "--learner.loss", "rloo", "--run.mode", "async"],
+     "learner.loss rloo with loss_options {'kl_estimator': 'causal'} assumes samples of the current policy"),
+    (["--learner.loss", "agro_on", "--run.mode", "async"], "Use learner.loss agro_off, which is unbiased for data from any sampler"),
+    (["--learner.loss", "agro_on", "--learner.loss_options", "{lr_baseline: loo_var}", "--generator.n", "2"],
+     "lr_baseline loo_var estimates the variance of R from the other n - 1 completions of a group: it needs generator.n >= 3 (got 2)"),
 ])
 def test_bad_values_are_refused_with_the_key_named(args, message):
     with pytest.raises(config.ConfigError, match=re.escape(message)):
@@ -134,6 +152,32 @@ def test_a_ray_job_keeps_runs_outside_its_working_directory(monkeypatch, tmp_pat
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     cfg, _ = config.from_args(["--run.name", "j"])
     assert cfg.run.storage_path is None and cfg.run_home == os.path.abspath(os.path.join("runs", "j"))
+
+
+def test_the_learner_scores_at_the_generators_temperature_unless_told_otherwise():
+    def lt(*a):
+        cfg = config.from_args(list(a))[0]
+        assert cfg.learner_config()["temperature"] == cfg.learner_temperature
+        return cfg.learner_temperature
+
+    assert lt() == 0.7 and lt("--generator.temperature", "1.2") == 1.2
+    assert lt("--learner.temperature", "0.5") == 0.5  # agro_off: any sampler
+    assert lt("--generator.temperature", "0") == 1.0  # greedy sampling has no tempered distribution
+    # On-policy losses where the data is on-policy: sync, p 0, the learner at the sampler's temperature.
+    for loss in ("agro_on", "rloo"):
+        assert lt("--learner.loss", loss) == 0.7
+    assert lt("--learner.loss", "agro_on", "--learner.temperature", "0.7") == 0.7
+    # The paper's off-policy baselines stay allowed where the paper runs them.
+    config.from_args(["--learner.loss", "kl_pg", "--run.mode", "offline", "--data.path", "x.jsonl"])
+    config.from_args(["--learner.loss", "grpo", "--run.mode", "async"])
+
+
+def test_an_on_policy_loss_on_stale_data_exits_2_before_ray_starts():
+    out = subprocess.run([sys.executable, "-m", "agro_dist", "--learner.loss", "agro_on", "--run.mode", "async", "--run.steps", "1"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2, out.stderr
+    assert "agro_dist: error: learner.loss agro_on assumes samples of the current policy" in out.stderr
+    assert "Ray" not in out.stdout + out.stderr  # refused before anything started
 
 
 def test_replay_in_sync_mode_and_auto_in_async_are_accepted():

@@ -280,7 +280,8 @@ def _jsonl_task(tmp_path):
 # Every registered loss through the driver, each on another task preset (issue 16): a listed option
 # that crashes is a defect. Rewards: even_length, so that groups have a spread to learn from.
 LOSS_RUNS = {
-    "agro_on": lambda tmp: ["--generator.task", "gsm8k", "--generator.task_path", f"{SHARED}/gsm8k"],
+    "agro_on": lambda tmp: ["--generator.task", "gsm8k", "--generator.task_path", f"{SHARED}/gsm8k",
+                            "--generator.n", "3", "--learner.loss_options", "{lr_baseline: loo_var}"],
     "rloo": lambda tmp: ["--learner.loss_options", "{kl_estimator: causal}", "--generator.task", "math", "--generator.task_path",
                          f"{SHARED}/math", "--run.eval_task", "math500", "--run.eval_task_path", f"{SHARED}/math500"],
     "kl_pg": _jsonl_task,
