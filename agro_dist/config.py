@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -118,12 +119,15 @@ SECTIONS = {"run": RunConfig, "generator": GeneratorConfig, "learner": LearnerCo
 HELP: Dict[str, str] = {
     "model": "Hugging Face model folder for the policy, the reference and the generators; 'default' = SmolLM2-135M-Instruct (embedded)",
     # run
-    "run.name": "run name: outputs go to output_dir/name; also names the Ray actors and the buffer",
+    "run.name": "run name ([A-Za-z0-9][A-Za-z0-9._-]*, at most 128): outputs go to output_dir/name; also names the Ray actors "
+                "and the buffer",
     "run.output_dir": "parent folder of run folders (local runs without run.storage_path)",
     "run.storage_path": "where runs are kept, each in storage_path/name: a local or shared folder, or a URI pyarrow.fs opens "
                         "(s3://bucket/prefix, gs://..., hdfs://...); null = run.output_dir, except under `ray job submit` with a "
                         "relative output_dir: ~/agro_dist_results on the driver's node",
-    "run.overwrite": "delete an existing run of the same name (checkpoints included) and start afresh; without it such a run is refused",
+    "run.overwrite": "delete an existing run of the same name (checkpoints included) and start afresh; without it such a run is "
+                     "refused. Only a folder agro_dist made for a run of this name is deleted (its .agro_dist_run marker, or "
+                     "config.yaml with this run.name); any other folder is refused, exit 2",
     "run.seed": "seed of the learner, the generators (seed + index) and the buffer's replay draws",
     "run.mode": "sync: generators make each step's fresh groups with the current weights and load every new version (on-policy at "
                 "p = 0; the paper's replay at p > 0); async: generators run ahead, bounded by max_staleness; "
@@ -482,8 +486,17 @@ def resume_config(cfg: Config, given: Dict[str, Any]) -> Config:
     return out
 
 
+# A run name is a folder under run.output_dir (or storage_path), the prefix of the Ray actors'
+# names and of the buffer's Redis keys: one path component, never "." or "..", no glob characters.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def validate(cfg: Config) -> None:
     r, res, lc = cfg.run, cfg.resources, cfg.learner
+    if not isinstance(r.name, str) or not RUN_NAME.fullmatch(r.name):
+        raise ConfigError(f"run.name {r.name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit, at most "
+                          "128 characters (it names the run's folder under run.output_dir or run.storage_path, its Ray actors "
+                          "and its buffer keys)")
     if r.mode not in ("sync", "async", "frozen", "offline"):
         raise ConfigError(f"run.mode must be sync, async, frozen or offline, got {r.mode!r}")
     if (r.mode == "offline") != bool(cfg.data.path):

@@ -54,7 +54,9 @@ from agro_dist.startup import first_line as _first_line
 from agro_dist.storage import CheckpointWriteError, Storage, display, is_remote, join, latest_checkpoint
 
 # A run's files besides its checkpoints: uploaded to remote storage, downloaded to resume.
-RUN_FILES = ("config.yaml", "driver.log", "train.csv", "eval.csv", "summary.json", "training.png", "tensorboard", "redis")
+RUN_FILES = ("config.yaml", "driver.log", "train.csv", "eval.csv", "summary.json", "training.png", "tensorboard", "redis", ".agro_dist_run")
+# Written into every run folder at start: what run.overwrite needs to see before it deletes a folder.
+RUN_MARKER = ".agro_dist_run"
 
 log = logging.getLogger("agro_dist")
 
@@ -141,9 +143,13 @@ class Driver:
         if resume and latest_checkpoint(self.ckpt_dir) is None:
             raise StartupError(f"run.resume: no checkpoint in {display(self.ckpt_dir)}")
         if not resume and cfg.run.overwrite and home.exists():
+            if not is_run_folder(home, cfg.run.name):  # checked before start too (check_run_home); never delete a stranger's folder
+                raise StartupError(f"run.overwrite: {display(self.home)} is not a run folder of {cfg.run.name!r}: not deleted")
             log.warning("deleting the previous run in %s (run.overwrite)", display(self.home))
             home.delete("")
         os.makedirs(self.run_dir, exist_ok=True)
+        with open(os.path.join(self.run_dir, RUN_MARKER), "w") as f:
+            json.dump({"run": cfg.run.name, "home": display(self.home), "made_by": "agro_dist"}, f)
         if self.remote and resume:  # the run's logs and tables (and the private Redis's files) continue where the storage has them
             home.download("", self.run_dir, names=list(RUN_FILES))
         # The driver's log, tracebacks included, also goes to the run folder (the console gets one line per failure).
@@ -839,14 +845,34 @@ def check_run_home(cfg: Config) -> None:
     """Before anything starts: a new run never lands on an earlier one. A run folder that holds
     anything is refused (ConfigError: exit 2) unless ``run.resume`` continues it or
     ``run.overwrite`` deletes it; the storage must be reachable (OSError: exit 3)."""
-    if cfg.run.resume or cfg.run.overwrite:
+    if cfg.run.resume:
         return
     home = Storage(cfg.run_home)
+    if cfg.run.overwrite:
+        if home.exists() and not is_run_folder(home, cfg.run.name):
+            raise ConfigError(f"run.overwrite: {display(cfg.run_home)} is not a run folder agro_dist made for run {cfg.run.name!r} "
+                              f"(no {RUN_MARKER} marker of that run, no config.yaml with run.name {cfg.run.name}): refusing to "
+                              "delete it. Choose another --run.name or --run.output_dir / --run.storage_path")
+        return
     if home.files(""):
         latest = latest_checkpoint(join(cfg.run_home, "checkpoints"))
         raise ConfigError(f"run.name {cfg.run.name!r}: {display(cfg.run_home)} already holds a run"
                           f"{f' (latest checkpoint {latest})' if latest else ''}: continue it with --run.resume true, "
                           f"choose another --run.name, or delete it with --run.overwrite true")
+
+
+def is_run_folder(home: Storage, name: str) -> bool:
+    """Whether ``home`` is a folder agro_dist made for run ``name``: its marker says so, or (runs
+    made before the marker) its config.yaml has that run.name. What run.overwrite may delete."""
+    try:
+        if home.exists(RUN_MARKER):
+            return json.loads(home.read_text(RUN_MARKER)).get("run") == name
+        if home.exists("config.yaml"):
+            saved = yaml.safe_load(home.read_text("config.yaml"))
+            return isinstance(saved, dict) and isinstance(saved.get("run"), dict) and saved["run"].get("name") == name
+    except (ValueError, yaml.YAMLError, OSError):
+        return False
+    return False
 
 
 def _sources(result: Dict[str, Any]) -> str:

@@ -48,6 +48,8 @@ def test_command_line_wins_over_the_file_which_wins_over_the_defaults(tmp_path):
     (["--learner.pack", "packed"], "learner.pack must be prefix, rows, none"),
     (["--learner.gradient_checkpointing", "true"], "learner.pack prefix keeps the prompts' keys and values"),
     (["--run.mode", "frozen", "--run.eval_engine", "generator"], "run.eval_engine=generator needs generators that follow the learner"),
+    # ("" reads as YAML null.)
+    *[(["--run.name", bad], f"run.name {bad or None!r}: use letters, digits") for bad in ("..", ".", "", "/abs", "a/../..", "runs/x", "a b", "x*", ".hidden")],
     (["--learner.temperature", "0"], "learner.temperature must be a number > 0 or null"),
     (["--learner.temperature", "hot"], "learner.temperature must be a number > 0 or null"),
     (["--learner.loss", "agro"], "learner.loss: unknown loss 'agro'"),
@@ -129,6 +131,7 @@ def test_a_new_run_never_lands_on_an_earlier_one(tmp_path):
     (run / "checkpoints" / "step_00000040").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step_00000040")
     (run / "train.csv").write_text("step\n1\n")
+    (run / "config.yaml").write_text("run:\n  name: agro\n")
     out = subprocess.run([sys.executable, "-m", "agro_dist", "--run.output_dir", str(tmp_path)], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert out.returncode == 2, out.stdout + out.stderr
@@ -178,6 +181,44 @@ def test_an_on_policy_loss_on_stale_data_exits_2_before_ray_starts():
     assert out.returncode == 2, out.stderr
     assert "agro_dist: error: learner.loss agro_on assumes samples of the current policy" in out.stderr
     assert "Ray" not in out.stdout + out.stderr  # refused before anything started
+
+
+def test_overwrite_deletes_only_a_run_folder_of_that_name(tmp_path):
+    """run.overwrite on a folder agro_dist did not make for this run: exit 2, before anything starts,
+    and nothing deleted (the issue's repro was `--run.name .. --run.overwrite true`, which deleted
+    the parent folder; `..` is now refused as a name, and a folder that merely exists is not a run)."""
+    out_dir = tmp_path / "X" / "runs"
+    (out_dir / "notes").mkdir(parents=True)
+    (out_dir / "notes" / "mine.txt").write_text("a user's file")
+    (tmp_path / "X" / "beside.txt").write_text("a file beside runs/")
+    base = [sys.executable, "-m", "agro_dist", "--run.overwrite", "true", "--run.steps", "1", "--run.output_dir", str(out_dir)]
+    for name, message in (("..", "run.name '..': use letters"), ("notes", "run.overwrite: ")):
+        p = subprocess.run(base + ["--run.name", name], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert p.returncode == 2 and message in p.stderr, p.stderr
+    assert (out_dir / "notes" / "mine.txt").read_text() == "a user's file" and (tmp_path / "X" / "beside.txt").exists()
+    # A folder with another run's config.yaml is not this run's either.
+    (out_dir / "notes" / "config.yaml").write_text("run:\n  name: other\n")
+    p = subprocess.run(base + ["--run.name", "notes"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 2 and "not a run folder agro_dist made for run 'notes'" in p.stderr, p.stderr
+    assert (out_dir / "notes" / "mine.txt").exists()
+
+
+def test_a_run_folder_is_recognised_by_its_marker_or_its_config():
+    from agro_dist.driver import RUN_MARKER, is_run_folder
+    from agro_dist.storage import Storage
+
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        st = Storage(d)
+        assert not is_run_folder(st, "a")
+        open(os.path.join(d, "config.yaml"), "w").write("run:\n  name: a\n")
+        assert is_run_folder(st, "a") and not is_run_folder(st, "b")  # a run made before the marker
+        open(os.path.join(d, RUN_MARKER), "w").write(json.dumps({"run": "b"}))
+        assert is_run_folder(st, "b") and not is_run_folder(st, "a")  # the marker decides where there is one
+        open(os.path.join(d, RUN_MARKER), "w").write("not json")
+        assert not is_run_folder(st, "b")
 
 
 def test_replay_in_sync_mode_and_auto_in_async_are_accepted():
