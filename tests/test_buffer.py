@@ -256,10 +256,13 @@ def test_embedded_server_is_loopback_only_and_stops_on_close(tmp_path):
         server = buf.server
         assert server.port != 6379
         c = server.client()
-        assert c.config_get("bind")["bind"] == "127.0.0.1"
-        assert c.config_get("protected-mode")["protected-mode"] == "yes"
-        assert c.config_get("appendonly")["appendonly"] == "yes"
-        assert (tmp_path / "run" / "redis.conf").exists()
+
+        def config_get(key):  # CONFIG is renamed to a name of this server's own
+            r = c.execute_command(server.config_command, "GET", key)  # redis-py: {b"key": b"value"}
+            return r[key.encode()].decode()
+
+        assert config_get("bind") == "127.0.0.1" and config_get("protected-mode") == "yes" and config_get("appendonly") == "yes"
+        assert (tmp_path / "run" / "redis.conf").exists() and oct((tmp_path / "run" / "redis.conf").stat().st_mode & 0o777) == "0o600"
         buf.put(make_group(0))
         assert buf.sample(1, timeout_s=2).groups[0].group_id == "g-0-0"
     finally:
@@ -267,6 +270,26 @@ def test_embedded_server_is_loopback_only_and_stops_on_close(tmp_path):
     assert not server.alive()
     with pytest.raises(redis.ConnectionError):
         redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=1, retry=None).ping()
+
+
+def test_a_private_redis_refuses_clients_without_its_password_and_has_no_config_command(tmp_path):
+    """Another local user can reach 127.0.0.1 and the socket's folder; without the password every
+    command is refused, over TCP and the unix socket, and even with it CONFIG, DEBUG and MODULE
+    are unknown commands (CONFIG SET dir would write files as the run's user)."""
+    with RedisServer(str(tmp_path)) as server:
+        assert server.password and len(server.password) >= 32
+        for anon in (redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=2, retry=None),
+                     redis.Redis(unix_socket_path=server.unix_socket, socket_timeout=2, retry=None)):
+            with pytest.raises(redis.AuthenticationError):
+                anon.set("x", 1)
+            with pytest.raises(redis.AuthenticationError):
+                anon.flushall()
+        c = server.client()
+        assert c.ping()
+        for cmd in (("CONFIG", "SET", "dir", "/tmp"), ("DEBUG", "SLEEP", "0"), ("MODULE", "LIST")):
+            with pytest.raises(redis.ResponseError, match="unknown command"):
+                c.execute_command(*cmd)
+        assert RedisServer(str(tmp_path / "b")).password != server.password  # one per server
 
 
 def test_redis_url_with_password(tmp_path):

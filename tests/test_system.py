@@ -129,6 +129,9 @@ def _check_run(p, run_dir, model, steps):
     assert os.path.getsize(os.path.join(run_dir, "training.png")) > 10_000
     assert glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))
     assert "held-out accuracy      before   after" in p.stdout
+    # The private Redis asked every client for its password, in every mode (sync, async, frozen).
+    conf = open(os.path.join(run_dir, "redis", "redis.conf")).read()
+    assert 'requirepass "' in conf and 'rename-command CONFIG "CONFIG-' in conf, conf
     # The log a user reads carries no worker start-up noise (each of these came through once).
     for noise in NOISE:
         assert noise not in p.stdout + p.stderr, noise
