@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -716,7 +717,7 @@ class Learner:
         load_path, _ = self.engine.load_checkpoint(path, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {path}/ds")
-        _set_rng_state(torch.load(os.path.join(path, f"rng_rank{self.rank}.pt"), weights_only=False))
+        _set_rng_state(_load_rng(os.path.join(path, f"rng_rank{self.rank}.pt")))
         if self.value_head is not None:
             vh = os.path.join(path, "value_head.pt")
             if not os.path.exists(vh):
@@ -738,23 +739,46 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _rng_state() -> Dict[str, Any]:
+    """The RNG states as tensors and plain numbers only, so that ``torch.load(weights_only=True)``
+    reads them back: checkpoints may come from shared or remote storage, and a pickle from there
+    could run code."""
     import random
 
     import numpy as np
 
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    py_version, py_state, py_gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+         "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                   "cached": float(cached)},
+         "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 
-def _set_rng_state(s: Dict[str, Any]) -> None:
+def _load_rng(path: str) -> Optional[Dict[str, Any]]:
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        # Checkpoints written before the RNG states were plain tensors (numpy arrays inside):
+        # not unpickled from storage; the run resumes, its random streams start afresh.
+        log.warning("learner: %s is in the old pickled format, not loaded (weights_only); random streams start afresh, so this "
+                    "resume is not bit-exact", path)
+        return None
+
+
+def _set_rng_state(s: Optional[Dict[str, Any]]) -> None:
     import random
 
     import numpy as np
 
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    if s is None:
+        return
+    py = s["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    n = s["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])

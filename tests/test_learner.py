@@ -582,3 +582,29 @@ def test_two_ranks_with_micro_batches_by_tokens_match_one_rank(tiny_model, tmp_p
     natural = [[len(split_by_tokens(h, 100, "prefix")) for h in (b[:2], b[2:])] for b in (batch_for_step(s, 4) for s in range(3))]
     assert natural == [[1, 1], [2, 1], [2, 1]]
     _two_ranks_match_one(tiny_model, tmp_path, ["--steps", "3", "--zero", "2", "--batch-groups", "4", "--micro-tokens", "100"], 29632)
+
+
+def test_rng_states_are_saved_as_tensors_that_load_without_unpickling_code(tmp_path):
+    """A checkpoint's rng_rank*.pt loads with torch.load(weights_only=True) (storage may be shared or
+    remote) and restores Python's, NumPy's and torch's streams exactly; a file in the old pickled
+    format (numpy arrays inside) is not unpickled: it is skipped with a warning."""
+    import random
+
+    import numpy as np
+
+    from agro_dist.learner.learner import _load_rng, _rng_state, _set_rng_state
+
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    random.gauss(0, 1), np.random.randn()  # cached Gaussians are part of the state
+    path = tmp_path / "rng_rank0.pt"
+    torch.save(_rng_state(), path)
+
+    def draws():
+        return random.random(), random.gauss(0, 1), np.random.rand(), np.random.randn(), torch.rand(1).item()
+
+    first = draws()
+    _set_rng_state(torch.load(path, weights_only=True))
+    assert draws() == first
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}, path)
+    assert _load_rng(str(path)) is None
+
