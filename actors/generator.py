@@ -307,6 +307,9 @@ def _return_freed_memory() -> None:
 
 
 SCRATCH_PREFIX = "agro_dist-gen-"
+# Every process-owned scratch folder: a generator's, and a driver's for the private Ray it starts
+# (agro_dist.startup.own_ray_tmpdir). Removed once the process is gone.
+SCRATCH_PREFIXES = (SCRATCH_PREFIX, "agro_dist-run-")
 
 
 def own_tmpdir() -> str:
@@ -345,7 +348,7 @@ def own_tmpdir() -> str:
 
 
 def remove_dead_tmpdirs(base: Optional[str] = None) -> int:
-    """Remove the temporary folders of generator processes that no longer exist; how many."""
+    """Remove the temporary folders (``SCRATCH_PREFIXES``) of processes that no longer exist; how many."""
     import shutil
     import tempfile
 
@@ -356,8 +359,9 @@ def remove_dead_tmpdirs(base: Optional[str] = None) -> int:
     except OSError:
         return 0
     for name in names:
-        pid = name[len(SCRATCH_PREFIX):]
-        if not (name.startswith(SCRATCH_PREFIX) and pid.isdigit()):
+        prefix = next((p for p in SCRATCH_PREFIXES if name.startswith(p)), None)
+        pid = name[len(prefix):] if prefix else ""
+        if not pid.isdigit():
             continue
         try:
             os.kill(int(pid), 0)

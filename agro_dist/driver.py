@@ -788,6 +788,7 @@ class Driver:
             self.redis.stop()
         if self.own_ray and ray.is_initialized() and not self.abandoned:
             ray.shutdown()
+            startup.remove_own_ray_tmpdir()
         if self.generators or self.evaluator:  # this node's killed generators' temporary folders (vLLM's files)
             from agro_dist.actors.generator import remove_dead_tmpdirs
 

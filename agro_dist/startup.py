@@ -81,6 +81,7 @@ def start_ray(cfg: Config) -> bool:
         # "local": always a Ray of our own. Without it ray.init() joins whatever cluster Ray's
         # temp folder last recorded (ray_current_cluster), even a dead one (issue 18). In the main
         # thread: Ray ties the head's processes to the thread that starts them.
+        own_ray_tmpdir()
         try:
             ctx = ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
                            log_to_driver=True, object_store_memory=object_store_bytes(cfg))
@@ -90,6 +91,42 @@ def start_ray(cfg: Config) -> bool:
              ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0),
              getattr(ctx, "dashboard_url", None) or "(not running)")
     return not address
+
+
+def own_ray_tmpdir() -> str:
+    """Before a private local Ray starts: its processes' temporary folder becomes
+    ``<tmp>/agro_dist-run-<pid>`` (``TMPDIR``, which they inherit), removed when the run ends
+    (``Driver.close``) or, after a killed driver, by the next run (``remove_dead_tmpdirs``). Ray's
+    dashboard runs its modules through a multiprocessing forkserver, killed at shutdown, which left
+    a ``pymp-*/listener-*`` folder in the temp folder after every run. Ray's session folder
+    (``RAY_TMPDIR``) and torch's compile cache (``TORCHINDUCTOR_CACHE_DIR``) stay where they were,
+    unless the user placed them."""
+    import getpass
+
+    base = os.environ.get("TMPDIR") or "/tmp"  # Ray's own choice on Linux (ray._common.utils)
+    os.environ.setdefault("RAY_TMPDIR", base)
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(base, "torchinductor_" + re.sub(r"[\\/:*?\"<>|]", "_", user)))
+    from agro_dist.actors.generator import remove_dead_tmpdirs
+
+    remove_dead_tmpdirs(base)
+    d = os.path.join(base, f"agro_dist-run-{os.getpid()}")
+    os.makedirs(d, exist_ok=True)
+    os.environ["TMPDIR"] = d
+    return d
+
+
+def remove_own_ray_tmpdir() -> None:
+    """The folder ``own_ray_tmpdir`` made, once its Ray has shut down."""
+    import shutil
+
+    d = os.environ.get("TMPDIR", "")
+    if os.path.basename(d) == f"agro_dist-run-{os.getpid()}":
+        os.environ["TMPDIR"] = os.path.dirname(d)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def object_store_bytes(cfg: Config) -> int:
@@ -363,16 +400,37 @@ def wait_ready(cfg: Config, actors: List[Any], what: str) -> None:
 
 def node_addresses(actors: List[Tuple[str, Any]], timeout_s: float = 60) -> Dict[str, Optional[str]]:
     """name -> the address of the node each actor runs on (None for one that does not answer:
-    restarting, or on a node being lost)."""
-    refs = [a.__ray_call__.remote(lambda _self: ray.util.get_node_ip_address()) for _, a in actors]
-    ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    out: Dict[str, Optional[str]] = {}
-    for (name, _), ref in zip(actors, refs):
+    restarting, or on a node being lost).
+
+    First from the GCS's actor table (an ALIVE actor's address), which does not wait on the actor:
+    asked through a call, a restarted generator answered only after the generate call queued ahead
+    of it, and past the timeout on a loaded machine the driver logged "(its node did not say)"
+    (the flaky cluster test of issue 37). Actors the table does not place are asked."""
+    out: Dict[str, Optional[str]] = {name: _gcs_address(a) for name, a in actors}
+    ask = [(name, a) for name, a in actors if out[name] is None]
+    refs = [a.__ray_call__.remote(lambda _self: ray.util.get_node_ip_address()) for _, a in ask]
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for (name, _), ref in zip(ask, refs):
         try:
             out[name] = ray.get(ref, timeout=0)
         except Exception:  # informative only
             out[name] = None
     return out
+
+
+def _gcs_address(actor: Any) -> Optional[str]:
+    """The node address of an ALIVE actor from Ray's actor table (ray._private.state: no public
+    call gives it without the dashboard); None when unknown or not alive."""
+    try:
+        from ray._private import state
+
+        info = state.actors(actor_id=actor._actor_id.hex())
+        if info and info.get("State") == "ALIVE":
+            return (info.get("Address") or {}).get("IPAddress") or None
+    except Exception:  # informative only: the caller asks the actor instead
+        pass
+    return None
 
 
 @ray.remote

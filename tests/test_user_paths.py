@@ -10,10 +10,13 @@ its own Redis, a vLLM generator (which also evaluates), a DeepSpeed learner, as 
 from __future__ import annotations
 
 import csv
+import getpass
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -31,9 +34,14 @@ def _env() -> dict:
     ("sync", []),                                                    # make train
     ("async05", ["--run.mode", "async", "--run.replay_prob", "0.5"]),  # tuning the replay ratio
 ])
-def test_the_readme_run_trains_the_default_model(tmp_path, name, args):
+def test_the_readme_run_trains_the_default_model(tmp_path, request, name, args):
     cmd = [sys.executable, "-m", "agro_dist", "--run.steps", str(STEPS), "--run.name", name, "--run.output_dir", str(tmp_path), *args]
-    p = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    # A temporary folder of the run's own, to see what it leaves there (torch's compile cache where it always is).
+    tmp = tempfile.mkdtemp(prefix="agro-up-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join("/tmp", "torchinductor_" + getpass.getuser())
+    p = subprocess.run(cmd, env=dict(_env(), TMPDIR=str(tmp), TORCHINDUCTOR_CACHE_DIR=cache), cwd=ROOT, capture_output=True, text=True,
+                       timeout=1200)
     out = p.stdout[-6000:] + p.stderr[-3000:]
     assert p.returncode == 0, out
     assert "held-out accuracy      before   after" in p.stdout, out
@@ -56,6 +64,9 @@ def test_the_readme_run_trains_the_default_model(tmp_path, name, args):
         assert b["served_replay"] > 0 and any(float(r["replay_fraction"]) > 0 for r in rows)
         assert any(r["replay_age_mean"] != "" for r in rows)
     assert os.path.exists(run / "checkpoints" / "latest")
+    # Nothing of the run's is left in the temporary folder but Ray's session logs (vLLM's
+    # rendezvous files, multiprocessing's pymp-* folders of killed processes: issue 37).
+    assert sorted(os.listdir(tmp)) == ["ray"], sorted(os.listdir(tmp))
     if name == "sync":
         # The model the run prints is usable as it is (issue 19): tokenizer, chat template, card; transformers
         # and vLLM agree on a greedy completion given only the folder.
