@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -70,6 +71,10 @@ REDIS_RESTARTS = 5
 PEER_FATE_S = 120.0
 # A checkpoint or a publish of the weights taking longer than this fails the run.
 CHECKPOINT_LIMIT_S = 3600.0
+
+
+# Exit status of a run stopped by SIGTERM or SIGINT after writing its checkpoint (resumable).
+STOPPED_STATUS = 5
 
 
 class TrainingError(RuntimeError):
@@ -133,6 +138,7 @@ class Driver:
         self._nodes_dead_at_start: set = set()
         self._redis_watch = None  # buffer.server.RedisWatch of the private Redis
         self._pg = None  # the learner ranks' placement group
+        self.stop_signal: Optional[int] = None  # SIGTERM/SIGINT received: finish the step, checkpoint, exit (request_stop)
 
     # ------------------------------------------------------------------ start-up
 
@@ -622,8 +628,20 @@ class Driver:
                         served_replay=0, served_fresh=0, replay_unavailable=0)
         return self.buffer.stats()
 
+    def request_stop(self, signum: int) -> None:
+        """A stop (SIGTERM from `ray job stop` or a scheduler, SIGINT): the loop ends after the
+        step in flight, the weights are published and checkpointed as at a run's end, and the run
+        exits without its final evaluation. A second stop does not wait."""
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        log.warning("%s received after step %d: stopping once the step in flight (if any) is trained, with a checkpoint "
+                    "(a second signal stops at once)", signal.Signals(signum).name, self.step)
+
     def done(self, elapsed: float) -> bool:
         r = self.cfg.run
+        if self.stop_signal is not None:
+            return True
         return bool((r.steps and self.step >= r.steps) or (r.max_samples and self.samples >= r.max_samples)
                     or (r.max_generated and self.generated_samples >= r.max_generated)
                     or (r.max_minutes and elapsed >= 60 * r.max_minutes)
@@ -664,6 +682,9 @@ class Driver:
                 break
             except _ray_errors() as e:
                 self._recover_learner(e)
+        if self.stop_signal is not None:  # stopped: the checkpoint is what matters; no final evaluation
+            return dict(stopped=signal.Signals(self.stop_signal).name, before=before, elapsed_s=elapsed(), steps=self.step,
+                        samples=self.samples)
         if loop.pending_eval is not None:
             self.eval_collect(loop.pending_eval, elapsed(), wait=True, retry=False)
         after = self.eval_collect(self.eval_submit(), elapsed(), wait=True)
@@ -923,7 +944,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     d = Driver(cfg, data)
     try:
         d.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own SIGTERM handler
+            signal.signal(sig, lambda signum, frame: d.request_stop(signum))
         result = d.train()
+        if result.get("stopped"):
+            log.warning("stopped by %s after step %d; checkpoint %s. Continue with the same command and --run.resume true",
+                        result["stopped"], result["steps"], _latest_hf(d.ckpt_dir).removesuffix("/hf"))
+            return STOPPED_STATUS
         result["temperature"] = cfg.generator.temperature
         with open(os.path.join(d.run_dir, "summary.json"), "w") as f:
             json.dump(result, f, indent=1, default=float)

@@ -327,6 +327,34 @@ def test_every_loss_and_task_preset_runs_through_the_driver(head, tiny_vllm_mode
         assert os.path.exists(ck / "step_00000002" / "value_head.pt")
 
 
+def test_a_stopped_run_checkpoints_exits_5_and_resumes(head, tiny_vllm_model, tmp_path):
+    """SIGTERM (a scheduler, `ray job stop`) mid-run: the step in flight finishes, a checkpoint is
+    written, one line says how to go on, exit 5; --run.resume true continues from that step."""
+    args = _args(tiny_vllm_model, tmp_path, "stop", "--run.steps", "40", "--run.eval_every", "0")
+    p = subprocess.Popen([sys.executable, "-m", "agro_dist", *args], env=dict(head["env"], RAY_ADDRESS=head["address"]),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if "step 2/40" in line:
+            p.send_signal(signal.SIGTERM)
+            break
+    rest, _ = p.communicate(timeout=300)
+    log = "".join(out) + rest
+    assert p.returncode == 5, log[-4000:]
+    assert re.search(r"SIGTERM received after step \d+: stopping once the step in flight", log), log[-4000:]
+    assert "Continue with the same command and --run.resume true" in log
+    run = tmp_path / "stop"
+    steps = [int(r["step"]) for r in _rows(run / "train.csv")]
+    assert 2 <= steps[-1] < 40 and steps == list(range(1, steps[-1] + 1)), steps
+    ckpt = open(run / "checkpoints" / "latest").read().strip()
+    assert ckpt == f"step_{steps[-1]:08d}", (ckpt, steps)  # the checkpoint is of the last step trained
+    q = _train(head, _args(tiny_vllm_model, tmp_path, "stop", "--run.steps", str(steps[-1] + 2), "--run.eval_every", "0",
+                           "--run.resume", "true"))
+    assert q.returncode == 0, q.stdout[-4000:] + q.stderr[-4000:]
+    assert [int(r["step"]) for r in _rows(run / "train.csv")] == list(range(1, steps[-1] + 3))
+
+
 def test_offline_trains_from_a_file_written_by_data_sample_with_no_generator(head, tiny_vllm_model, tmp_path):
     # The paper's offline setting: samples of pi_ref, written once, trained on for several epochs (issue 10).
     data = tmp_path / "pi_ref.jsonl"
