@@ -24,12 +24,13 @@ def gen(tiny_vllm_model):
     g.close()
 
 
-def _hf_logprobs(model, group):
+def _hf_logprobs(model, group, temperature=1.0):
+    """transformers' per-token log-probs of each completion under softmax(logits / temperature)."""
     out = []
     for c in group.completions:
         ids = list(group.prompt_token_ids) + list(c.token_ids)
         with torch.no_grad():
-            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float() / temperature, -1)
         P = len(group.prompt_token_ids)
         out.append(torch.stack([lp[P - 1 + t, tid] for t, tid in enumerate(c.token_ids)]))
     return out

@@ -216,7 +216,9 @@ def test_async_replay_half_on_two_ranks_is_exact_generates_only_the_fresh_part_a
     # Fresh and replayed completions counted apart (2 completions a group); generated = put.
     last = rows[-1]
     assert (int(last["fresh_samples"]), int(last["replayed_samples"]), int(last["samples"])) == (28, 20, 48)
-    assert int(last["generated_samples"]) == 2 * b["put_groups"] and summary["generated_samples"] == 2 * b["put_groups"]
+    # The last row counts what was put by then; a call in flight at the end (2 groups x 2) is put
+    # while the run drains, and the summary counts it (seen: 52 in the row, 56 in the summary).
+    assert summary["generated_samples"] == 2 * b["put_groups"] and 2 * b["put_groups"] - int(last["generated_samples"]) in (0, 4)
     assert summary["fresh_samples"] == 28 and summary["replayed_samples"] == 20 and summary["generated_tokens"] > 0
     # The default look-ahead: one step's fresh groups waiting (2) and one call in flight (2).
     _accounted(b, lookahead=4)
