@@ -54,10 +54,10 @@ from agro_dist.startup import StartupError, redact
 from agro_dist.startup import first_line as _first_line
 from agro_dist.storage import CheckpointWriteError, Storage, display, is_remote, join, latest_checkpoint
 
-# A run's files besides its checkpoints: uploaded to remote storage, downloaded to resume.
-RUN_FILES = ("config.yaml", "driver.log", "train.csv", "eval.csv", "summary.json", "training.png", "tensorboard", "redis", ".agro_dist_run")
 # Written into every run folder at start: what run.overwrite needs to see before it deletes a folder.
 RUN_MARKER = ".agro_dist_run"
+# A run's files besides its checkpoints: uploaded to remote storage, downloaded to resume.
+RUN_FILES = ("config.yaml", "driver.log", "train.csv", "eval.csv", "summary.json", "training.png", "tensorboard", "redis", RUN_MARKER)
 
 log = logging.getLogger("agro_dist")
 

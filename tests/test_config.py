@@ -203,22 +203,20 @@ def test_overwrite_deletes_only_a_run_folder_of_that_name(tmp_path):
     assert (out_dir / "notes" / "mine.txt").exists()
 
 
-def test_a_run_folder_is_recognised_by_its_marker_or_its_config():
+def test_a_run_folder_is_recognised_by_its_marker_or_its_config(tmp_path):
+    import json
+
     from agro_dist.driver import RUN_MARKER, is_run_folder
     from agro_dist.storage import Storage
 
-    import json
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        st = Storage(d)
-        assert not is_run_folder(st, "a")
-        open(os.path.join(d, "config.yaml"), "w").write("run:\n  name: a\n")
-        assert is_run_folder(st, "a") and not is_run_folder(st, "b")  # a run made before the marker
-        open(os.path.join(d, RUN_MARKER), "w").write(json.dumps({"run": "b"}))
-        assert is_run_folder(st, "b") and not is_run_folder(st, "a")  # the marker decides where there is one
-        open(os.path.join(d, RUN_MARKER), "w").write("not json")
-        assert not is_run_folder(st, "b")
+    st = Storage(str(tmp_path))
+    assert not is_run_folder(st, "a")
+    (tmp_path / "config.yaml").write_text("run:\n  name: a\n")
+    assert is_run_folder(st, "a") and not is_run_folder(st, "b")  # a run made before the marker
+    (tmp_path / RUN_MARKER).write_text(json.dumps({"run": "b"}))
+    assert is_run_folder(st, "b") and not is_run_folder(st, "a")  # the marker decides where there is one
+    (tmp_path / RUN_MARKER).write_text("not json")
+    assert not is_run_folder(st, "b")
 
 
 def test_replay_in_sync_mode_and_auto_in_async_are_accepted():
