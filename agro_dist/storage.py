@@ -118,6 +118,8 @@ class Storage:
                 name = os.path.relpath(src, local_dir)
                 if (names is not None and name.split(os.sep)[0] not in names) or name.replace(os.sep, "/") in skip:
                     continue
+                if not os.path.isfile(src):  # a socket (the private Redis's) or a FIFO: not data, and unreadable as a file
+                    continue
                 dst = self.path(f"{rel}/{name}" if rel else name)
                 if not self.remote:
                     os.makedirs(os.path.dirname(dst), exist_ok=True)
