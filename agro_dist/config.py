@@ -54,6 +54,7 @@ class RunConfig:
     checkpoint_every: int = 0
     resume: bool = False
     ray_address: Optional[str] = None
+    env_vars: Dict[str, Any] = field(default_factory=dict)
     connect_timeout_s: float = 30.0
     startup_timeout_s: float = 600.0
     learner_restarts: int = 2
@@ -73,6 +74,7 @@ class BufferSection:
     redis_url: Optional[str] = None
     redis_port: int = 0
     appendfsync: str = "everysec"
+    redis_maxmemory_gb: float = 0.0
     history_max_groups: int = 10000
     history_max_bytes: int = 1 << 30
     replay_window: int = 4
@@ -161,6 +163,8 @@ HELP: Dict[str, str] = {
     "run.checkpoint_every": "checkpoint every this many steps (and at the end); 0 = only at the end",
     "run.resume": "resume from the run folder's latest checkpoint (learner, version, counters)",
     "run.ray_address": "Ray cluster to join; default: RAY_ADDRESS, else start a private local Ray",
+    "run.env_vars": "environment variables for every actor (Ray's runtime_env env_vars), e.g. {HF_HOME: /data/hf}; kept in "
+                    "config.yaml, so no secrets (give those to the cluster's or the job's environment)",
     "run.connect_timeout_s": "a peer that does not answer within this many seconds stops start-up with exit 3: the Ray cluster, Redis at redis_url, the learner's rendezvous",
     "run.startup_timeout_s": "actors (generators, learner ranks, eval) not ready within this many seconds (pending resources, a hanging model load) stop start-up with exit 3",
     "run.learner_restarts": "times a failed learner group is rebuilt from its latest checkpoint before the run fails",
@@ -174,6 +178,8 @@ HELP: Dict[str, str] = {
     "buffer.redis_url": "use this Redis (redis://host:port/db); default: start a private one on 127.0.0.1 (never port 6379)",
     "buffer.redis_port": "port of the private Redis; 0 = a free port",
     "buffer.appendfsync": "private Redis durability: everysec or always",
+    "buffer.redis_maxmemory_gb": "memory limit of the private Redis; 0 = a quarter of the node's memory. Full, it evicts the oldest "
+                                 "history, then holds the generators back until the learner trains (buffer_full_s)",
     "buffer.history_max_groups": "replay history capacity in groups (oldest evicted)",
     "buffer.history_max_bytes": "replay history capacity in bytes",
     "buffer.replay_window": "replay only groups at most this many policy versions older than the learner (older ones are evicted); "
@@ -519,6 +525,13 @@ def validate(cfg: Config) -> None:
     b = cfg.buffer
     if b.replay_window < 0 or b.replay_max_uses < 0:
         raise ConfigError(f"buffer.replay_window and buffer.replay_max_uses must be >= 0, got {b.replay_window}, {b.replay_max_uses}")
+    if not r.eval_task and (r.eval_task_path is not None or r.eval_task_options is not None):
+        raise ConfigError("run.eval_task_path and run.eval_task_options belong to run.eval_task, which is not set: without it the "
+                          "evaluation uses the training task as configured (generator.task_path, generator.task_options)")
+    if not isinstance(r.env_vars, dict) or not all(isinstance(k, str) and k for k in r.env_vars):
+        raise ConfigError(f"run.env_vars must be a mapping of variable names to values, got {r.env_vars!r}")
+    if not b.redis_maxmemory_gb >= 0:
+        raise ConfigError(f"buffer.redis_maxmemory_gb must be >= 0 (0: a quarter of the node's memory), got {b.redis_maxmemory_gb}")
     if b.replay_weighting not in ("uniform", "recency"):
         raise ConfigError(f"buffer.replay_weighting must be uniform or recency, got {b.replay_weighting!r}")
     if r.eval_engine not in ("auto", "generator", "separate"):

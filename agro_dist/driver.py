@@ -549,7 +549,7 @@ class Driver:
         self._reward_timeouts[i] = int(stats.get("reward_timeouts", 0))
         self._gen_errors[i] = 0
         if i in self._gen_down:
-            self._gen_back(i)
+            self._gen_back(i, int(stats.get("version", -1)))
 
     def _gen_raised(self, i: int, err: Exception) -> None:
         """A generator's call raised (its actor lives on): a passing fault (the buffer's Redis
@@ -582,13 +582,16 @@ class Driver:
                         i, f" (on {where})" if where else "", _first_line(err), self._dead_nodes(), self.version, self.gen_restarts)
         self._send_weights(self.generators[i])
 
-    def _gen_back(self, i: int) -> None:
+    def _gen_back(self, i: int, version: int) -> None:
+        """Generator i's first call since its restart came back: where it runs, and the weights
+        version its groups were made with (the learner's, sent before the call; not the initial 0)."""
         self._gen_down.discard(i)
         name = f"generator-{i}"
         where = startup.node_addresses([(name, self.generators[i])], timeout_s=30)[name]
         if where:
             self._where[name] = where
-        log.info("generator %d is back, on %s", i, where or "(its node did not say)")
+        log.info("generator %d is back, on %s, generating with version %d (learner at %d)", i, where or "(its node did not say)",
+                 version, self.version)
 
     def _row(self, m: Dict[str, float], elapsed: float, sync_s: float) -> Tuple[Dict[str, float], Dict[int, int]]:
         """The step's train.csv row, and the groups trained since the last row by staleness."""
@@ -614,6 +617,7 @@ class Driver:
             replay_age_mean=m.get("replay_age_mean"), replay_age_max=m.get("replay_age_max"),
             replay_fraction=m.get("replay_fraction", 0.0), skipped=m.get("skipped"),
             buffer_backlog=s["fresh_backlog"], buffer_history=s["history_groups"], stale_skipped=s["stale_skipped"],
+            buffer_full_s=s.get("put_wait_s", 0.0), buffer_evicted_full=s.get("evicted_full", 0),
             replay_unavailable=s.get("replay_unavailable", 0) + self.replay_short,
             generated_groups=s["put_groups"], generated_tokens_per_s=rate, trained_tokens_per_s=m.get("tokens_per_s"),
             step_s=m.get("step_s"), wait_s=m.get("wait_s"), weight_sync_s=sync_s, generate_s=secs, reward_s=rew,

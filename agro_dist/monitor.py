@@ -25,7 +25,7 @@ TRAIN_COLUMNS = [
     "fresh_samples", "replayed_samples", "generated_samples", "generated_tokens", "replayed_groups", "replay_unavailable",
     "reward_mean", "kl", "log_ratio", "reg_reward_mean", "loss", "entropy", "grad_norm", "lr",
     "response_len_mean", "behaviour_drift", "fresh_staleness_mean", "fresh_staleness_max", "replay_age_mean", "replay_age_max",
-    "replay_fraction", "skipped", "buffer_backlog", "buffer_history",
+    "replay_fraction", "skipped", "buffer_backlog", "buffer_history", "buffer_full_s", "buffer_evicted_full",
     "stale_skipped", "generated_groups", "generated_tokens_per_s", "trained_tokens_per_s", "step_s", "wait_s",
     "weight_sync_s", "generator_restarts", "learner_restarts", "reward_timeouts",
     # Where a step's time went (sync mode: the parts take turns): generation and reward scoring
@@ -49,6 +49,7 @@ GAUGES = {
     "agro_staleness_mean": ("fresh_staleness_mean", "mean staleness (versions behind) of the last batch's fresh groups (<= max_staleness)"),
     "agro_replay_age_mean": ("replay_age_mean", "mean age (versions behind) of the last batch's replayed groups"),
     "agro_buffer_backlog": ("buffer_backlog", "fresh groups waiting in the replay buffer"),
+    "agro_buffer_full_seconds": ("buffer_full_s", "seconds generators were held back by a full buffer so far (backpressure)"),
     "agro_generated_tokens_per_s": ("generated_tokens_per_s", "completion tokens generated per second (all generators)"),
     "agro_trained_tokens_per_s": ("trained_tokens_per_s", "response tokens trained per second"),
     "agro_weight_sync_seconds": ("weight_sync_s", "seconds to publish and load the last weights on the generators"),
@@ -185,8 +186,9 @@ def progress_line(row: Dict[str, float], *, steps: int, last_eval: Optional[Dict
     head = (f"step {int(row['step'])}{total}{epoch} | v{int(row['version'])} | samples {int(row['samples'])}{replayed}{made} | "
             f"reward {g('reward_mean')} | kl {g('kl')} | eval {ev} | ")
     # Generated data: how fresh it is, the replay, the buffer, the generators (offline has none of these).
+    full = f" (full: gen held {row['buffer_full_s']:.0f}s)" if row.get("buffer_full_s") else ""
     gen = "" if epoch else (f"fresh stale {g('fresh_staleness_mean', '{:.2f}')} | replay {g('replay_fraction', '{:.2f}')}{replay_age} | "
-                            f"backlog {g('buffer_backlog', '{:.0f}')} | gen {g('generated_tokens_per_s', '{:.0f}')} tok/s | ")
+                            f"backlog {g('buffer_backlog', '{:.0f}')}{full} | gen {g('generated_tokens_per_s', '{:.0f}')} tok/s | ")
     sync = "" if epoch else f" | sync {g('weight_sync_s', '{:.2f}')}s"
     return f"{head}{gen}train {g('trained_tokens_per_s', '{:.0f}')} tok/s{sync} | {_dur(row['elapsed_s'])}{eta}"
 

@@ -71,7 +71,8 @@ def start_ray(cfg: Config) -> bool:
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     timeout = cfg.run.connect_timeout_s
     # Actors inherit this; vLLM's INFO lines would drown the progress line.
-    env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"), "TOKENIZERS_PARALLELISM": "false"}
+    env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"), "TOKENIZERS_PARALLELISM": "false",
+           **{k: str(v) for k, v in cfg.run.env_vars.items()}}  # the user's, for every actor
     if address:
         where = "run.ray_address" if cfg.run.ray_address else "RAY_ADDRESS"
         probe_ray(address, where, timeout)
@@ -272,9 +273,27 @@ def start_private_redis(cfg: Config, run_dir: str, own_ray: bool):
     cluster = not own_ray and node_ip not in ("127.0.0.1", "localhost", "::1")
     try:
         return RedisServer(os.path.join(run_dir, "redis"), port=b.redis_port or None, appendfsync=b.appendfsync,
+                           maxmemory=str(redis_maxmemory(b.redis_maxmemory_gb)),
                            host=node_ip if cluster else "127.0.0.1").start()  # a password of its own, always
     except Exception as e:
         raise StartupError(f"cannot start the private Redis (buffer.redis_port={b.redis_port}): {e}") from None
+
+
+def redis_maxmemory(gb: float) -> int:
+    """The private Redis's memory limit in bytes: ``gb`` GiB, or (0) a quarter of this node's memory
+    (its cgroup's limit where that is lower). Full, the buffer evicts the oldest history and then
+    holds the generators back; without a limit Redis would grow until the OOM killer stops it."""
+    if gb:
+        return int(gb * (1 << 30))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total // 4
 
 
 def buffer_options(cfg: Config) -> Dict[str, Any]:
@@ -323,7 +342,9 @@ def start_generators(cfg: Config, buffer_url: str) -> List[Any]:
     r = cfg.resources
     gens = [GeneratorActor.options(max_restarts=r.generator_max_restarts, max_task_retries=0,
                                    **actor_options(cfg, "generator", f"generator-{i}")).remote(
-                cfg.generator_config(i), buffer_url=buffer_url, buffer_options={"name": cfg.run.name})
+                cfg.generator_config(i), buffer_url=buffer_url,
+                # A full buffer holds a put back until the learner trains; no longer than a step may take.
+                buffer_options={"name": cfg.run.name, "room_timeout_s": cfg.run.step_timeout_s})
             for i in range(r.num_generators)]
     wait_ready(cfg, gens, "generator")
     return gens
