@@ -226,3 +226,21 @@ def test_replay_in_sync_mode_and_auto_in_async_are_accepted():
     assert cfg.fresh_per_step() == 8 - 2  # at most B - floor(pB) fresh groups a step
     cfg, _ = config.from_args(["--run.mode", "async", "--run.replay_prob", "auto", "--run.replay_max", "0.25"])
     assert cfg.replay_auto and cfg.fixed_replay_prob == 0.0 and cfg.fresh_per_step() == 8 and cfg.run.replay_max == 0.25
+
+
+def test_bad_task_inputs_exit_2_naming_the_key_before_ray_starts(tmp_path):
+    """A task option the task does not take, a reward function that cannot be imported, a task
+    file that is not there, evaluation options with no evaluation task: exit 2 with the key named,
+    before Ray or anything else starts."""
+    base = [sys.executable, "-m", "agro_dist", "--run.steps", "1", "--run.output_dir", str(tmp_path)]
+    cases = [
+        (["--generator.task_options", "{levelz: [1]}"], "generator.task=arithmetic: bad task options {'levelz': [1]}"),
+        (["--generator.reward_fn", "no_such_module:score"], "generator.reward_fn: reward function 'no_such_module:score' cannot be imported"),
+        (["--generator.task", "gsm8k", "--generator.task_path", str(tmp_path / "missing")], f"task data not found: {tmp_path / 'missing'}"),
+        (["--run.eval_task_options", "{levels: [2]}"], "run.eval_task_path and run.eval_task_options belong to run.eval_task"),
+        (["--run.eval_task", "arithmetic", "--run.eval_task_options", "{bogus: 1}"], "run.eval_task=arithmetic: bad task options"),
+    ]
+    for args, message in cases:
+        p = subprocess.run(base + args, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert p.returncode == 2 and message in p.stderr, (args, p.stdout[-1000:], p.stderr[-2000:])
+        assert "Ray" not in p.stdout + p.stderr and "Traceback" not in p.stderr, p.stdout + p.stderr
