@@ -398,13 +398,22 @@ class GeneratorWorker(Generator):
             [min(self.cfg.prompts_per_call, groups - s) for s in range(0, groups, self.cfg.prompts_per_call)]
         for k in sizes:
             self.buffer.put(self.generate(k))
-        return dict(self.stats, version=self.version, reward_timeouts=self.scorer.stats.timeouts, reward_errors=self.scorer.stats.errors)
+        # The node it runs on travels with every result: after a restart (on another node, when
+        # its own was lost) the driver learns where it is from its first answer, with no extra call.
+        return dict(self.stats, version=self.version, reward_timeouts=self.scorer.stats.timeouts, reward_errors=self.scorer.stats.errors,
+                    node=_node_address())
 
     def get_version(self) -> int:
         return self.version
 
     def get_tmpdir(self) -> str:
         return self.tmpdir
+
+
+def _node_address() -> Optional[str]:
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else None
 
 
 def _ray_actor():

@@ -549,7 +549,7 @@ class Driver:
         self._reward_timeouts[i] = int(stats.get("reward_timeouts", 0))
         self._gen_errors[i] = 0
         if i in self._gen_down:
-            self._gen_back(i, int(stats.get("version", -1)))
+            self._gen_back(i, int(stats.get("version", -1)), stats.get("node"))
 
     def _gen_raised(self, i: int, err: Exception) -> None:
         """A generator's call raised (its actor lives on): a passing fault (the buffer's Redis
@@ -582,12 +582,15 @@ class Driver:
                         i, f" (on {where})" if where else "", _first_line(err), self._dead_nodes(), self.version, self.gen_restarts)
         self._send_weights(self.generators[i])
 
-    def _gen_back(self, i: int, version: int) -> None:
-        """Generator i's first call since its restart came back: where it runs, and the weights
-        version its groups were made with (the learner's, sent before the call; not the initial 0)."""
+    def _gen_back(self, i: int, version: int, where: Optional[str]) -> None:
+        """Generator i's first call since its restart came back: where it runs (it says, in its
+        result; asking Ray's actor table or the actor just after a restart could come back empty:
+        the flaky cluster test of issue 37), and the weights version its groups were made with
+        (the learner's, sent before the call; not the initial 0)."""
         self._gen_down.discard(i)
         name = f"generator-{i}"
-        where = startup.node_addresses([(name, self.generators[i])], timeout_s=30)[name]
+        if not where:
+            where = startup.node_addresses([(name, self.generators[i])], timeout_s=30)[name]
         if where:
             self._where[name] = where
         log.info("generator %d is back, on %s, generating with version %d (learner at %d)", i, where or "(its node did not say)",
