@@ -450,7 +450,18 @@ def _nothing_lost(run_dir, stale=0):
     # too stale: none lost, none left pending.
     assert b["fresh_pending"] == 0 and b["stale_skipped"] <= stale, b
     assert b["put_groups"] == b["acked"] + b["fresh_backlog"] + b["stale_skipped"], b
+    print(counts_line(b))
     return b
+
+
+def counts_line(b) -> str:
+    """The counts docs/reliability.md quotes (run with -s): every group put is acked (trained),
+    waiting or skipped as stale; lost is what is left over (asserted 0 by the callers)."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    lost = b["put_groups"] - b["acked"] - b["fresh_backlog"] - b["fresh_pending"] - b["stale_skipped"]
+    evicted = b["evicted"] + b["evicted_window"] + b.get("evicted_full", 0)
+    return (f"\ncounts {test}: put {b['put_groups']}, acked {b['acked']}, backlog {b['fresh_backlog']}, stale {b['stale_skipped']}, "
+            f"redelivered {b['redelivered']}, evicted {evicted}, lost {lost}")
 
 
 def _private_redis(folder):
@@ -496,6 +507,7 @@ def test_a_redis_that_fills_up_mid_run_evicts_history_and_the_run_finishes_with_
     # group trained is in the history or was evicted.
     assert b["fresh_pending"] == 0 and b["put_groups"] == b["acked"] + b["fresh_backlog"] + b["stale_skipped"], b
     assert b["history_groups"] == b["acked"] - b["evicted"] - b["evicted_window"] - b["retired"] - b["evicted_full"], b
+    print(counts_line(b))
     print(f"\nfull Redis: {b['put_groups']} put, {b['acked']} trained, {b['evicted_full']} evicted to make room, "
           f"{b['put_full']} puts held back {b['put_wait_s']:.1f} s, history {b['history_groups']}")
 
