@@ -80,12 +80,12 @@ for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
-# KEYS: stream, stats. ARGV: id1, bytes1, ... Fresh groups too stale to train on: acked, deleted, counted.
+# KEYS: stream, stats. ARGV: consumer group, id1, bytes1, ... Fresh groups too stale to train on: acked, deleted, counted.
 _DISCARD = _ROOM + """
 room(KEYS[2])
 local n, b = 0, 0
-for i = 1, #ARGV, 2 do
-  redis.call('XACK', KEYS[1], 'learners', ARGV[i])
+for i = 2, #ARGV, 2 do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
   redis.call('XDEL', KEYS[1], ARGV[i])
   n, b = n + 1, b + tonumber(ARGV[i + 1])
 end
@@ -658,7 +658,7 @@ class ReplayBuffer:
         if not pairs:
             return
         args = [x for eid, n in pairs for x in (eid, int(n))]
-        self._run(lambda pipe: pipe.evalsha(self._sha["discard"], 2, self.k_stream, self.k_stats, *args))
+        self._run(lambda pipe: pipe.evalsha(self._sha["discard"], 2, self.k_stream, self.k_stats, CONSUMER_GROUP, *args))
 
     def _from_carry(self, k: int, current_version) -> List[SampledGroup]:
         """Up to k groups taken earlier; re-checked for staleness, since the policy version may
