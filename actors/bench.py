@@ -49,7 +49,7 @@ def _hf(spec):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from agro_dist.models import resolve_model
-    from agro_dist.tasks import ArithmeticTask, format_prompt
+    from agro_dist.tasks import ArithmeticTask
 
     path = resolve_model(spec["model"])
     tok = AutoTokenizer.from_pretrained(path)
@@ -60,7 +60,7 @@ def _hf(spec):
     times, tokens, groups = [], 0, 0
     for call in range(spec["calls"] + 1):
         probs = [next(stream) for _ in range(spec["prompts"])]
-        enc = tok([format_prompt(tok, p, task.instruction) for p in probs], return_tensors="pt", padding=True)
+        enc = tok([task.prompt(tok, p) for p in probs], return_tensors="pt", padding=True)
         t = time.perf_counter()
         with torch.no_grad():
             out = model.generate(**enc, do_sample=True, temperature=0.7, max_new_tokens=spec["max_tokens"],

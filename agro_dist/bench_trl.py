@@ -10,7 +10,7 @@ backend asked for. TRL is configured as close to the default run as it allows (`
 
 - SmolLM2-135M-Instruct, the same float32 folder; float32 training on the CPU (``use_cpu``, no bf16);
 - the same prompts in the same order: 1-digit addition's training stream with seed 0, through the
-  same chat template and instruction (``format_prompt``), ``shuffle_dataset=False``; the same reward
+  same chat template and instruction (``Task.prompt``), ``shuffle_dataset=False``; the same reward
   (the task's ``numeric`` reward function);
 - 8 prompts x ``num_generations=4`` per optimizer step (``per_device_train_batch_size=16`` x
   ``gradient_accumulation_steps=2``, our micro-batches of 4 groups), ``max_completion_length=12``,
@@ -125,7 +125,7 @@ def trl_worker(spec: Dict[str, Any]) -> int:
 
     from agro_dist.models import resolve_model
     from agro_dist.rewards import resolve_reward_fn
-    from agro_dist.tasks import format_prompt, load_task
+    from agro_dist.tasks import load_task
 
     if spec["generation"] == "vllm":
         _patch_trl_vllm_sync()
@@ -137,7 +137,7 @@ def trl_worker(spec: Dict[str, Any]) -> int:
     reward_fn = resolve_reward_fn(task.reward_fn)
     stream = task.train(seed=0)  # the default run's generator draws from this stream, 8 prompts per step
     problems = [next(stream) for _ in range(8 * steps)]
-    ds = Dataset.from_list([dict(prompt=format_prompt(tok, p, task.instruction), answer=p.answer) for p in problems])
+    ds = Dataset.from_list([dict(prompt=task.prompt(tok, p), answer=p.answer) for p in problems])
 
     def reward(completions, answer, **_):
         return [float(reward_fn(c, a)) for c, a in zip(completions, answer)]

@@ -6,9 +6,12 @@
 - ``JsonlTask``: any JSONL file with configurable question/answer/id fields; presets for the
   MATH, MATH-500 and GSM8K files of ``shared/data`` (``load_task("math500", path)``). Bad input
   raises ``ValueError`` naming file, line and field.
-- ``HFDatasetTask``: a local Hugging Face dataset folder (``datasets.load_from_disk``), same fields.
-- ``format_prompt``: the chat template of the model's tokenizer around the question and the
-  task's instruction (the paper's: step by step, then "The final answer is X").
+- ``DatasetTask`` (``dataset``): your prompts from JSONL/JSON/Parquet/CSV files, a folder of them,
+  a ``datasets.save_to_disk`` folder or a hub name; plain-text or chat prompts, verl's Parquet
+  layout read as it is; bad rows named by file and line or row index.
+- ``format_prompt``: the chat template of the model's tokenizer (or the task's own) around an
+  optional system turn, the question and the task's instruction (the paper's: step by step, then
+  "The final answer is X"), or the raw text.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -36,12 +40,40 @@ class Problem:
     question: str
     answer: str
     metadata: Dict[str, Any] = field(default_factory=dict)
+    messages: Optional[List[Dict[str, str]]] = None  # a chat prompt (the data's own turns); question is its last user turn
 
 
 class Task:
     name: str = "task"
     reward_fn: str = "math"
     instruction: str = PAPER_INSTRUCTION
+    # How prompts are written (task_options system_prompt, chat_template, raw_prompt; see ``set_chat``).
+    system_prompt: Optional[str] = None
+    chat_template: Optional[str] = None
+    raw_prompt: bool = False
+
+    def set_chat(self, *, system_prompt: Optional[str] = None, chat_template: Optional[str] = None, raw_prompt: bool = False,
+                 instruction: Optional[str] = None) -> None:
+        """The prompt's form: a system turn, a Jinja chat template instead of the tokenizer's (the
+        template's text or a file holding it), or ``raw_prompt`` (no template: the question and
+        the instruction as they are); ``instruction`` replaces the task's ("" for none, "paper"
+        for the paper's)."""
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise ValueError(f"task_options.system_prompt must be a string, got {system_prompt!r}")
+        if raw_prompt and (system_prompt or chat_template):
+            raise ValueError("task_options.raw_prompt writes no chat template: it takes no system_prompt or chat_template")
+        if chat_template is not None:
+            chat_template = _read_template(chat_template)
+        if instruction is not None:
+            if not isinstance(instruction, str):
+                raise ValueError(f"task_options.instruction must be a string, got {instruction!r}")
+            self.instruction = PAPER_INSTRUCTION if instruction == "paper" else instruction
+        self.system_prompt, self.chat_template, self.raw_prompt = system_prompt or None, chat_template, bool(raw_prompt)
+
+    def prompt(self, tokenizer, problem: "Problem") -> str:
+        """The text the generator samples from for ``problem``."""
+        return format_prompt(tokenizer, problem, self.instruction, system_prompt=self.system_prompt,
+                             chat_template=self.chat_template, raw=self.raw_prompt)
 
     def train(self, seed: int = 0) -> Iterator[Problem]:
         """An endless, seeded stream of training problems."""
@@ -164,17 +196,26 @@ class JsonlTask(Task):
             self._train = [p for p in self._train if not _held_out(p.id, eval_fraction)]
 
     def train(self, seed: int = 0) -> Iterator[Problem]:
-        if not self._train:
-            raise ValueError(f"task {self.name}: no training problems")
-        rng = random.Random(seed)
-        while True:
-            order = list(range(len(self._train)))
-            rng.shuffle(order)
-            for i in order:
-                yield self._train[i]
+        return _endless(self._train, seed, self.name)
 
     def eval_set(self, size: Optional[int] = None) -> List[Problem]:
         return self._eval if size is None else self._eval[:size]
+
+
+def _endless(problems: List[Problem], seed: int, name: str) -> Iterator[Problem]:
+    """The problems in a seeded order, reshuffled at each pass, forever."""
+    if not problems:
+        raise ValueError(f"task {name}: no training problems")
+
+    def gen():
+        rng = random.Random(seed)
+        while True:
+            order = list(range(len(problems)))
+            rng.shuffle(order)
+            for i in order:
+                yield problems[i]
+
+    return gen()
 
 
 def read_jsonl_problems(path: str, *, question_field: str, answer_field: str, id_field: Optional[str] = None,
@@ -226,36 +267,280 @@ def _problem(path, lineno, line, question_field, answer_field, id_field, answer_
     return Problem(id=pid, question=str(row[question_field]), answer=ans, metadata=meta)
 
 
-class HFDatasetTask(JsonlTask):
-    """A local Hugging Face dataset folder (``datasets.save_to_disk``) with configurable fields."""
+# --------------------------------------------------------------------------- any dataset
 
-    def __init__(self, path: str, *, split: str = "train", eval_split: Optional[str] = "test", question_field: str = "problem",
-                 answer_field: str = "answer", id_field: Optional[str] = None, reward_fn: str = "math",
-                 instruction: str = PAPER_INSTRUCTION, name: str = "hf"):
-        try:
+# The answer column when task_options.answer_key is not given: the first the data has. verl's
+# Parquet layout keeps it in reward_model.ground_truth.
+ANSWER_KEYS = ("answer", "reward_model.ground_truth", "ground_truth", "solution")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+_ROLES = ("system", "user", "assistant")
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "gsm8k", "openai/gsm8k"
+
+
+def _get_path(row: Dict[str, Any], key: str) -> Any:
+    """``row["a"]["b"]`` for ``key`` "a.b" (verl's ``reward_model.ground_truth``); KeyError if absent."""
+    cur: Any = row
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise KeyError(key)
+        cur = cur[part]
+    return cur
+
+
+def _data_files(path: str, split: str) -> List[str]:
+    """A folder's files for ``split``: ``<split>.jsonl``/``.parquet``/``.csv``/``.json``, or
+    ``<split>-*.parquet`` shards (the hub's layout), sorted."""
+    import glob
+
+    out = []
+    for suf in DATA_SUFFIXES:
+        out += [os.path.join(path, split + suf)] if os.path.exists(os.path.join(path, split + suf)) else []
+        out += sorted(glob.glob(os.path.join(path, f"{split}-*{suf}")))
+        out += sorted(glob.glob(os.path.join(path, "data", f"{split}-*{suf}")))
+    return out
+
+
+def _rows_of_file(path: str) -> Iterator[tuple]:
+    """(where, row) for every record of a JSONL, JSON (a list or lines), Parquet or CSV file;
+    ``where`` names the file and line (text files) or row index (Parquet, CSV)."""
+    low = path.lower()
+    if low.endswith(".parquet") or low.endswith(".csv"):
+        if low.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        else:
+            import pyarrow.csv as pcsv
+
+            table = pcsv.read_csv(path)
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{path} row {i}", row
+        return
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1)
+        while head and head.isspace():
+            head = f.read(1)
+        f.seek(0)
+        if head == "[":  # a JSON array of records
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            for i, row in enumerate(rows):
+                yield f"{path} record {i}", row
+            return
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            yield f"{path}:{lineno}", row
+
+
+def hub_reachable(timeout_s: float = 5.0) -> Optional[str]:
+    """None when the Hugging Face hub answers; else why not (offline mode, no route, no name)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return "HF_HUB_OFFLINE is set"
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except ImportError:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s).close()
+    except OSError as e:
+        return f"{url.hostname} cannot be reached ({e})"
+    return None
+
+
+def _hub_rows(name: str, split: str, config: Optional[str]) -> Iterator[tuple]:
+    import datasets
+
+    why = hub_reachable()
+    if why:
+        raise ValueError(f"{name!r} is not a local file or folder, and the Hugging Face hub is not reachable to fetch it ({why}): "
+                         f"pass a local data file (JSONL, Parquet, CSV), a folder of them, or a folder saved with "
+                         f"datasets' save_to_disk (python -m agro_dist.data prep makes one from local files)")
+    ds = datasets.load_dataset(name, config, split=split)
+    for i, row in enumerate(ds):
+        yield f"{name}[{split}] row {i}", row
+
+
+def read_rows(path: str, split: str = "train", *, hub_config: Optional[str] = None) -> Optional[List[tuple]]:
+    """(where, row) of every record of ``split``: ``path`` is a data file (that split's), a folder
+    of files named by split (``train.parquet``, ``test.jsonl``, ...), a folder saved by
+    ``datasets.save_to_disk`` (a ``DatasetDict`` or one ``Dataset``), or a hub dataset name.
+    None when a folder or hub dataset has no such split."""
+    full = os.path.expanduser(path)
+    if os.path.isfile(full):
+        return list(_rows_of_file(full))
+    if os.path.isdir(full):
+        if os.path.exists(os.path.join(full, "dataset_dict.json")) or os.path.exists(os.path.join(full, "state.json")):
             import datasets
-        except ImportError:
-            raise ImportError("HFDatasetTask needs the `datasets` package: pip install datasets") from None
-        ds = datasets.load_from_disk(path)
-        self.name, self.reward_fn, self.instruction = name, reward_fn, instruction
 
-        def rows(split_name):
-            out = []
-            for i, row in enumerate(ds[split_name]):
-                for fld in (question_field, answer_field):
-                    if row.get(fld) in (None, ""):
-                        raise ValueError(f"{path}[{split_name}] row {i}: field {fld!r} missing or empty")
-                pid = str(row[id_field]) if id_field else f"{split_name}:{i}"
-                out.append(Problem(pid, str(row[question_field]), str(row[answer_field]), {"answer": str(row[answer_field])}))
-            return out
+            ds = datasets.load_from_disk(full)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    return None
+                ds = ds[split]
+            elif split != "train":
+                return None  # one saved Dataset is the training split
+            return [(f"{path}[{split}] row {i}", row) for i, row in enumerate(ds)]
+        files = _data_files(full, split)
+        if not files:
+            if split == "train":
+                raise ValueError(f"{path}: no {split} data in the folder (expected {split}.jsonl, {split}.parquet, {split}.csv, "
+                                 f"{split}-*.parquet, or a datasets.save_to_disk folder)")
+            return None
+        return [r for f in files for r in _rows_of_file(f)]
+    if not HUB_NAME.fullmatch(path) or path.lower().endswith(DATA_SUFFIXES):
+        raise FileNotFoundError(f"task data not found: {path}")
+    try:
+        return list(_hub_rows(path, split, hub_config))
+    except ValueError as e:
+        if "Unknown split" in str(e):
+            return None
+        raise
 
-        self._train = rows(split)
-        self._eval = rows(eval_split) if eval_split and eval_split in ds else [p for p in self._train if _held_out(p.id, 0.1)]
+
+class DatasetTask(Task):
+    """Prompts from your data: JSONL, JSON, Parquet or CSV files, a folder of them named by split,
+    a ``datasets.save_to_disk`` folder, or a hub dataset name (where the network allows).
+
+    ``prompt_key``: a plain-text column or a chat prompt (a list of ``{role, content}`` turns, TRL's
+    and verl's conversational form); ``answer_key``: the reference answer, dotted for nested
+    columns (verl's ``reward_model.ground_truth``; default: the first of ``ANSWER_KEYS`` the data
+    has). The row's other columns go to the reward function. Held-out problems: ``eval_path`` (a
+    second file or folder), else the ``eval_split`` of ``path`` (default ``test``) where it has
+    one, else a fixed hashed ``eval_fraction`` of the training rows. No instruction is added to
+    the prompts unless ``instruction`` is given (they are your prompts)."""
+
+    def __init__(self, path: str, *, prompt_key: str = "prompt", answer_key: Optional[str] = None, id_key: Optional[str] = None,
+                 split: str = "train", eval_path: Optional[str] = None, eval_split: str = "test", eval_fraction: float = 0.1,
+                 hub_config: Optional[str] = None, reward_fn: str = "math", name: str = "dataset", **chat):
+        if not path:
+            raise ValueError("task dataset needs generator.task_path: a data file, a folder, or a hub dataset name")
+        self.name, self.reward_fn, self.instruction = name, reward_fn, ""
+        self.set_chat(**chat)
+        self.prompt_key, self.answer_key, self.id_key = prompt_key, answer_key, id_key
+        rows = read_rows(path, split, hub_config=hub_config)
+        if not rows:
+            raise ValueError(f"{path}: no rows in split {split!r}")
+        if self.answer_key is None:
+            first = rows[0][1] if isinstance(rows[0][1], dict) else {}
+            found = [k for k in ANSWER_KEYS if _has(first, k)]
+            if not found:
+                raise ValueError(f"{rows[0][0]}: no answer column ({', '.join(ANSWER_KEYS)}; columns: {sorted(first)}): "
+                                 f"set task_options.answer_key")
+            self.answer_key = found[0]
+        self._train = [self._problem(where, row) for where, row in rows]
+        ev = None
+        if eval_path:  # a file is read whole; a folder or hub dataset gives its eval_split
+            ev = read_rows(eval_path, eval_split, hub_config=hub_config)
+            if not ev:
+                raise ValueError(f"task_options.eval_path {eval_path}: no rows (split {eval_split!r})")
+        elif not os.path.isfile(os.path.expanduser(path)):
+            ev = read_rows(path, eval_split, hub_config=hub_config)
+        if ev:
+            self._eval = [self._problem(where, row) for where, row in ev]
+        else:
+            self._eval = [p for p in self._train if _held_out(p.id, eval_fraction)]
+            self._train = [p for p in self._train if not _held_out(p.id, eval_fraction)]
+
+    def _problem(self, where: str, row: Any) -> Problem:
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a record with columns, got {type(row).__name__}")
+        try:
+            prompt = _get_path(row, self.prompt_key)
+        except KeyError:
+            raise ValueError(f"{where}: field {self.prompt_key!r} missing (columns: {sorted(row)}; set task_options.prompt_key)") from None
+        messages = None
+        if isinstance(prompt, list):
+            messages = _messages(where, self.prompt_key, prompt)
+            if self.raw_prompt:
+                raise ValueError(f"{where}: field {self.prompt_key!r} is a chat prompt; task_options.raw_prompt needs plain text")
+            if self.system_prompt and messages[0]["role"] == "system":
+                raise ValueError(f"{where}: field {self.prompt_key!r} has its own system turn and task_options.system_prompt is "
+                                 f"set: drop one")
+            question = [m["content"] for m in messages if m["role"] == "user"][-1]
+        elif isinstance(prompt, str) and prompt.strip():
+            question = prompt
+        else:
+            raise ValueError(f"{where}: field {self.prompt_key!r} must be a non-empty string or a list of chat turns, got {prompt!r:.80}")
+        try:
+            ans = _get_path(row, self.answer_key)
+        except KeyError:
+            raise ValueError(f"{where}: field {self.answer_key!r} missing (columns: {sorted(row)}; set task_options.answer_key)") from None
+        if isinstance(ans, list) and len(ans) == 1:
+            ans = ans[0]
+        if isinstance(ans, bool) or not isinstance(ans, (str, int, float)) or str(ans).strip() == "":
+            raise ValueError(f"{where}: field {self.answer_key!r} must be a non-empty string or number, got {ans!r:.80}")
+        if self.id_key:
+            try:
+                pid = str(_get_path(row, self.id_key))
+            except KeyError:
+                raise ValueError(f"{where}: field {self.id_key!r} missing (task_options.id_key)") from None
+        else:
+            pid = where.rsplit("/", 1)[-1]
+        meta = {k: v for k, v in row.items() if k != self.prompt_key.split(".")[0] and _json_safe(v)}
+        meta["answer"] = str(ans)
+        return Problem(id=pid, question=question, answer=str(ans), metadata=meta, messages=messages)
+
+    def train(self, seed: int = 0) -> Iterator[Problem]:
+        return _endless(self._train, seed, self.name)
+
+    def eval_set(self, size: Optional[int] = None) -> List[Problem]:
+        return self._eval if size is None else self._eval[:size]
+
+
+def _has(row: Dict[str, Any], key: str) -> bool:
+    try:
+        _get_path(row, key)
+        return True
+    except KeyError:
+        return False
+
+
+def _json_safe(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _messages(where: str, key: str, turns: List[Any]) -> List[Dict[str, str]]:
+    out = []
+    for i, m in enumerate(turns):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: field {key!r} turn {i}: expected {{role: system|user|assistant, content: text}}, got {m!r:.80}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "user" for m in out):
+        raise ValueError(f"{where}: field {key!r} has no user turn")
+    return out
 
 
 def load_task(name: str, path: Optional[str] = None, **kw) -> Task:
     """``arithmetic`` (``levels=(1, 2)``), ``math``/``math500``/``gsm8k`` (a JSONL file or the data
-    folder holding ``train.jsonl``/``test.jsonl``), or ``jsonl`` with explicit fields."""
+    folder holding ``train.jsonl``/``test.jsonl``), ``jsonl`` with explicit fields, or ``dataset``
+    (``DatasetTask``: files, folders, saved or hub datasets, chat prompts). Every task takes the
+    chat options (``CHAT_OPTIONS``: system_prompt, chat_template, raw_prompt, instruction)."""
+    if name == "dataset":
+        return DatasetTask(path, **kw)
+    chat = {k: kw.pop(k) for k in CHAT_OPTIONS if k in kw}
+    task = _load_task(name, path, **kw)
+    task.set_chat(**chat)
+    return task
+
+
+def _load_task(name: str, path: Optional[str] = None, **kw) -> Task:
     if name == "arithmetic":
         return ArithmeticTask(**kw)
     if name in PRESETS:
@@ -271,13 +556,47 @@ def load_task(name: str, path: Optional[str] = None, **kw) -> Task:
         return JsonlTask(path, question_field=q, answer_field=a, id_field=i, answer_transform=tf, reward_fn=rf, name=name, **kw)
     if name == "jsonl":
         return JsonlTask(path, **kw)
-    raise ValueError(f"unknown task {name!r}: arithmetic, math, math500, gsm8k or jsonl")
+    raise ValueError(f"unknown task {name!r}: arithmetic, math, math500, gsm8k, jsonl or dataset")
 
 
-def format_prompt(tokenizer, problem: Problem, instruction: str) -> str:
-    """The chat template around ``question + instruction`` (a plain concatenation for tokenizers
-    without a template)."""
-    content = f"{problem.question}\n\n{instruction}" if instruction else problem.question
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
-    return content + "\n"
+CHAT_OPTIONS = ("system_prompt", "chat_template", "raw_prompt", "instruction")
+
+
+def _read_template(value: Any) -> str:
+    """A Jinja chat template: a file's text when ``value`` names a file, else ``value`` itself;
+    compiled here so that a broken one fails before anything starts."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"task_options.chat_template must be a Jinja template or a file holding one, got {value!r}")
+    text = value
+    if "{" not in value and os.path.isfile(os.path.expanduser(value)):
+        with open(os.path.expanduser(value), encoding="utf-8") as f:
+            text = f.read()
+    elif "{" not in value:
+        raise ValueError(f"task_options.chat_template {value!r}: no such file, and not a Jinja template (no '{{')")
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        ImmutableSandboxedEnvironment().from_string(text)
+    except Exception as e:  # noqa: BLE001 - jinja2's TemplateSyntaxError and friends
+        raise ValueError(f"task_options.chat_template: not a valid Jinja template: {e}") from None
+    return text
+
+
+def format_prompt(tokenizer, problem: Problem, instruction: str, *, system_prompt: Optional[str] = None,
+                  chat_template: Optional[str] = None, raw: bool = False) -> str:
+    """The prompt text: the chat template (the tokenizer's, or ``chat_template``) around an
+    optional system turn and the problem's turns, the instruction appended to the last user turn;
+    ``raw``: the question and instruction as they are. A tokenizer with no template and no
+    override gets the turns' contents joined by blank lines."""
+    if raw:
+        return f"{problem.question}\n\n{instruction}" if instruction else problem.question
+    messages = [dict(m) for m in problem.messages] if problem.messages else [{"role": "user", "content": problem.question}]
+    if instruction:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[last]["content"] = f"{messages[last]['content']}\n\n{instruction}"
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=template)
+    return "\n\n".join(m["content"] for m in messages) + "\n"
