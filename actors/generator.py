@@ -39,13 +39,16 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
 
 from agro_dist.models import resolve_model  # noqa: E402
 from agro_dist.records import Completion, Group  # noqa: E402
-from agro_dist.rewards import RewardScorer  # noqa: E402
-from agro_dist.tasks import Problem, format_prompt, load_task  # noqa: E402
+from agro_dist.rewards import RewardScorer, reward_parts  # noqa: E402
+from agro_dist.tasks import Problem, load_task  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("agro_dist.generator")
+
+
+EVAL_SAMPLES_SHOWN = 4  # sampled completions each evaluation returns with its accuracies (the run's samples.jsonl)
 
 
 @dataclass
@@ -95,6 +98,9 @@ class Generator:
         self.model_path = resolve_model(cfg.model)
         self.task = load_task(cfg.task, cfg.task_path, **cfg.task_options)
         self.scorer = RewardScorer(cfg.reward_fn or self.task.reward_fn, timeout_s=cfg.reward_timeout_s)
+        # Held-out accuracy is scored by one function: the first of several (docs/rewards.md), not their weighted sum.
+        self.eval_scorer = self.scorer if not isinstance(cfg.reward_fn, list) else \
+            RewardScorer(accuracy_spec(cfg.reward_fn), timeout_s=cfg.reward_timeout_s)
         import torch  # here, not at the top: the driver imports this module for GeneratorActor only
         from vllm import LLM
 
@@ -138,7 +144,7 @@ class Generator:
         per_token = 2 * hf.num_hidden_layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
         tok = AutoTokenizer.from_pretrained(self.model_path)
         it = self.task.train(seed=cfg.seed)
-        longest = max(len(tok.encode(format_prompt(tok, next(it), self.task.instruction))) for _ in range(32))
+        longest = max(len(tok.encode(self.task.prompt(tok, next(it)))) for _ in range(32))
         seq = min(cfg.max_model_len, longest + cfg.max_tokens)
         blocks = 2 * cfg.n * cfg.prompts_per_call * -(-seq // block)
         blocks = max(blocks, -(-cfg.max_model_len // block))
@@ -156,7 +162,7 @@ class Generator:
                               max_tokens=max_tokens or cfg.max_tokens, stop=cfg.stop or None, logprobs=0)
 
     def _prompt(self, problem: Problem, task=None) -> str:
-        return format_prompt(self.tokenizer, problem, (task or self.task).instruction)
+        return (task or self.task).prompt(self.tokenizer, problem)
 
     def _fits(self, problem: Problem, task=None) -> bool:
         """Whether the problem's prompt leaves room for at least one completion token in
@@ -191,7 +197,7 @@ class Generator:
         for prob, out in zip(problems, outs):
             comps = []
             t = time.perf_counter()
-            rewards = self.scorer.score([o.text for o in out.outputs], prob.answer, prob.metadata)
+            rewards = self.scorer.score([o.text for o in out.outputs], prob.answer, prob.metadata, prob.messages or prob.question)
             self.stats["reward_s"] += time.perf_counter() - t
             for o, r in zip(out.outputs, rewards):
                 ids = list(o.token_ids)
@@ -230,8 +236,9 @@ class Generator:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, size: Optional[int] = None, *, samples: int = 1, task: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
-        """Greedy and sampled accuracy on the task's held-out problems, with the current weights.
+    def evaluate(self, size: Optional[int] = None, *, samples: int = 1, task: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Greedy and sampled accuracy on the task's held-out problems, with the current weights,
+        and (``samples``) the first sampled completion of the first few problems with its reward.
 
         ``task``: evaluate on another task instead (``{task, task_path, task_options, reward_fn}``,
         loaded once and kept): a generator that also evaluates (the default run) serves
@@ -257,15 +264,15 @@ class Generator:
     def _eval_task(self, spec: Optional[Dict[str, Any]]):
         """(task, scorer) of an evaluation: the training task's, or another kept by its spec."""
         if not spec:
-            return self.task, self.scorer
+            return self.task, self.eval_scorer
         key = repr(sorted(spec.items()))
         if key not in self._eval_tasks:
             task = load_task(spec["task"], spec.get("task_path"), **(spec.get("task_options") or {}))
-            scorer = RewardScorer(spec.get("reward_fn") or task.reward_fn, timeout_s=self.cfg.reward_timeout_s)
+            scorer = RewardScorer(accuracy_spec(spec.get("reward_fn") or task.reward_fn), timeout_s=self.cfg.reward_timeout_s)
             self._eval_tasks[key] = (task, scorer)
         return self._eval_tasks[key]
 
-    def _evaluate(self, size: Optional[int], samples: int, task, scorer) -> Dict[str, float]:
+    def _evaluate(self, size: Optional[int], samples: int, task, scorer) -> Dict[str, Any]:
         t0 = time.perf_counter()
         problems = task.eval_set(size)
         fit = [p for p in problems if self._fits(p, task)]
@@ -275,22 +282,35 @@ class Generator:
         out: Dict[str, float] = {"version": float(self.version), "eval_problems": float(len(fit)),
                                  "eval_too_long": float(len(problems) - len(fit))}
         problems = fit
+        shown: List[Dict[str, Any]] = []  # the first sampled completion of the first few problems, for a person to read
         for mode, sp in (("greedy", self._sampling(n=1, temperature=0.0)),
                          ("sampled", self._sampling(n=samples, temperature=self.cfg.temperature))):
             res = self._generate(problems, sp, task=task, count=False)
             correct, total = 0.0, 0
             for prob, r in zip(problems, res):
-                scores = scorer.score([o.text for o in r.outputs], prob.answer, prob.metadata)
+                scores = scorer.score([o.text for o in r.outputs], prob.answer, prob.metadata, prob.messages or prob.question)
                 correct += sum(scores)
                 total += len(scores)
+                if mode == "sampled" and len(shown) < EVAL_SAMPLES_SHOWN:
+                    shown.append(dict(version=self.version, prompt=prob.question, completion=r.outputs[0].text, reward=scores[0],
+                                      answer=prob.answer))
             out[f"{mode}_accuracy"] = correct / max(total, 1)
+        out["sample_completions"] = shown
         out["eval_s"] = time.perf_counter() - t0  # its own time: eval.csv's eval_s
         return out
 
     def close(self) -> None:
         self.scorer.close()
+        if self.eval_scorer is not self.scorer:
+            self.eval_scorer.close()
         for _, scorer in self._eval_tasks.values():
             scorer.close()
+
+
+def accuracy_spec(spec: Any) -> Any:
+    """The reward function that scores held-out accuracy: ``generator.reward_fn`` itself, or the
+    first of a list (a weighted sum of several is a reward, not an accuracy; docs/rewards.md)."""
+    return reward_parts(spec)[0].fn if isinstance(spec, list) else spec
 
 
 def _return_freed_memory() -> None:
@@ -400,7 +420,9 @@ class GeneratorWorker(Generator):
             self.buffer.put(self.generate(k))
         # The node it runs on travels with every result: after a restart (on another node, when
         # its own was lost) the driver learns where it is from its first answer, with no extra call.
-        return dict(self.stats, version=self.version, reward_timeouts=self.scorer.stats.timeouts, reward_errors=self.scorer.stats.errors,
+        scorers = [self.scorer] + ([self.eval_scorer] if self.eval_scorer is not self.scorer else [])
+        return dict(self.stats, version=self.version, reward_timeouts=sum(s.stats.timeouts for s in scorers),
+                    reward_errors=sum(s.stats.errors for s in scorers), reward_parts=self.scorer.part_stats(),
                     node=_node_address())
 
     def get_version(self) -> int:

@@ -60,6 +60,7 @@ class RunConfig:
     learner_restarts: int = 2
     step_timeout_s: float = 900.0
     tensorboard: bool = True
+    loggers: List[str] = field(default_factory=list)
     plots: bool = True
 
 
@@ -170,6 +171,8 @@ HELP: Dict[str, str] = {
     "run.learner_restarts": "times a failed learner group is rebuilt from its latest checkpoint before the run fails",
     "run.step_timeout_s": "a learner step (including waiting for data) longer than this fails the run",
     "run.tensorboard": "write TensorBoard event files to the run folder",
+    "run.loggers": "experiment trackers beside train.csv: [wandb, mlflow] (each an optional extra; set up with their own "
+                   "environment variables: WANDB_MODE=offline, MLFLOW_TRACKING_URI; tensorboard also accepted)",
     "run.plots": "write training.png (reward, accuracy, KL, staleness) at the end",
     # data
     "data.path": "run.mode offline: a file of logged generations (JSONL or Parquet; format in agro_dist/data.py and the README)",
@@ -210,10 +213,13 @@ HELP: Dict[str, str] = {
                                  "free memory, taken from what actors may request. A cluster's is set by `ray start --object-store-memory`",
     "resources.learner_placement": "placement strategy of the learner ranks' group: PACK (fewest nodes), SPREAD, STRICT_PACK or STRICT_SPREAD (one rank per node)",
     # generator
-    "generator.task": "arithmetic, math, math500, gsm8k or jsonl",
-    "generator.task_path": "data file or folder for math/math500/gsm8k/jsonl",
-    "generator.task_options": "task arguments, e.g. {levels: [1, 2]} (arithmetic; default levels [1]) or jsonl field names",
-    "generator.reward_fn": "reward: numeric, math, or pkg.module:function; default: the task's",
+    "generator.task": "arithmetic, math, math500, gsm8k, jsonl, or dataset (your prompts: JSONL/Parquet/CSV files, a folder, "
+                      "a saved or hub dataset; docs/data.md)",
+    "generator.task_path": "data file, folder or hub dataset name for math/math500/gsm8k/jsonl/dataset",
+    "generator.task_options": "task arguments, e.g. {levels: [1, 2]} (arithmetic; default levels [1]); dataset: prompt_key, answer_key, "
+                              "eval_path, ...; any task: system_prompt, chat_template, raw_prompt, instruction",
+    "generator.reward_fn": "reward: numeric, math, pkg.module:function (agro_dist's, TRL's batched or verl's signature), or a list "
+                           "of them / {fn, weight, name} summed with weights (docs/rewards.md); default: the task's",
     "generator.reward_timeout_s": "a reward call longer than this scores 0 and is counted",
     "generator.n": "completions per prompt (a group)",
     "generator.temperature": "sampling temperature (training and sampled evaluation)",
@@ -386,6 +392,8 @@ def _coerce(default: Any, value: Any, key: str, where: str) -> Any:
         return value
     if key == "run.replay_prob" and value == "auto":
         return value
+    if key == "run.loggers" and isinstance(value, str):  # --run.loggers wandb, as TRL's report_to takes one name
+        return [value]
     t = type(default)
     if t in (int, float) and isinstance(value, str):
         try:  # YAML 1.1 reads 3e-5 (no dot) as a string
@@ -528,6 +536,14 @@ def validate(cfg: Config) -> None:
     if not r.eval_task and (r.eval_task_path is not None or r.eval_task_options is not None):
         raise ConfigError("run.eval_task_path and run.eval_task_options belong to run.eval_task, which is not set: without it the "
                           "evaluation uses the training task as configured (generator.task_path, generator.task_options)")
+    if not isinstance(r.loggers, list) or not all(isinstance(n, str) for n in r.loggers):
+        raise ConfigError(f"run.loggers must be a list of names, e.g. [wandb, mlflow], got {r.loggers!r}")
+    from agro_dist.trackers import check_loggers
+
+    try:
+        check_loggers(r.loggers)
+    except ValueError as e:
+        raise ConfigError(f"run.loggers: {e}") from None
     if not isinstance(r.env_vars, dict) or not all(isinstance(k, str) and k for k in r.env_vars):
         raise ConfigError(f"run.env_vars must be a mapping of variable names to values, got {r.env_vars!r}")
     if not b.redis_maxmemory_gb >= 0:
@@ -631,10 +647,10 @@ def check_tasks(cfg: Config) -> None:
 
     g = cfg.generator
     if g.reward_fn:
-        from agro_dist.rewards import resolve_reward_fn
+        from agro_dist.rewards import check_reward_spec
 
         try:
-            resolve_reward_fn(g.reward_fn)
+            check_reward_spec(g.reward_fn)
         except ValueError as err:
             raise ConfigError(f"generator.reward_fn: {err}") from None
     task = load_as("generator.task", g.task, g.task_path, g.task_options)

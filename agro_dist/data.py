@@ -191,7 +191,8 @@ def parse_record(rec: Any, path: str, line: int, tokenizer, *, vocab: int) -> Di
                     raise LoggedDataError(path, line, f"{key}[{i}]", f"log-probs must be finite and <= 0, got {x!r}")
         beh = b
     return dict(text=text, prompt_ids=list(prompt_ids), texts=texts, comp_ids=comp_ids, rewards=rewards, beh=beh, finish=finish,
-                answer=None if answer is None else str(answer), id=str(rid), metadata=rec.get("metadata") or {})
+                answer=None if answer is None else str(answer), id=str(rid), metadata=rec.get("metadata") or {},
+                prompt=rec.get("messages") or rec.get("prompt"))  # as a batched reward function takes it
 
 
 def load_logged(path: str, tokenizer, *, reward_fn: Optional[str] = None, reward_timeout_s: float = 5.0,
@@ -229,7 +230,7 @@ def load_logged(path: str, tokenizer, *, reward_fn: Optional[str] = None, reward
         t = time.perf_counter()
         try:
             for p in todo:
-                p["rewards"] = scorer.score(p["texts"], p["answer"], p["metadata"])
+                p["rewards"] = scorer.score(p["texts"], p["answer"], p["metadata"], p["prompt"])
         finally:
             scorer.close()
         stats["scored"], stats["reward_timeouts"] = len(todo), scorer.stats.timeouts
@@ -307,8 +308,47 @@ def _sample(args) -> int:
     return 0
 
 
+# Presets of ``prep``: question column, answer column, answer transform, data_source.
+PREP_PRESETS = {"gsm8k": ("question", "answer", "gsm8k", "openai/gsm8k"), "math": ("problem", "answer", None, "math"),
+                "math500": ("problem", "answer", None, "HuggingFaceH4/MATH-500")}
+
+
+def _prep(args) -> int:
+    """A dataset (local files, a saved folder, or a hub name) -> ``OUT/train.parquet`` and
+    ``OUT/test.parquet`` in verl's layout, which ``--generator.task dataset`` reads as it is."""
+    from agro_dist.tasks import _gsm8k_answer, _get_path, read_rows
+
+    q_key, a_key, transform, source = PREP_PRESETS.get(args.preset, (args.prompt_key, args.answer_key, None, args.source))
+    q_key, a_key = args.prompt_key or q_key, args.answer_key or a_key
+    if not q_key or not a_key:
+        raise SystemExit("prep: give --preset gsm8k|math|math500, or --prompt-key and --answer-key")
+    os.makedirs(args.out, exist_ok=True)
+    for split in ("train", "test"):
+        rows = read_rows(args.source, split, hub_config=args.hub_config)
+        if rows is None:
+            print(f"{args.source}: no {split} split", flush=True)
+            continue
+        out = []
+        for i, (where, row) in enumerate(rows):
+            try:
+                question, answer = _get_path(row, q_key), _get_path(row, a_key)
+            except KeyError as e:
+                raise SystemExit(f"{where}: field {e.args[0]!r} missing (columns: {sorted(row)})") from None
+            if transform == "gsm8k":
+                try:
+                    answer = _gsm8k_answer(str(answer))
+                except ValueError as e:
+                    raise SystemExit(f"{where}: field {a_key!r}: {e}") from None
+            content = f"{question}\n\n{args.instruction}" if args.instruction else str(question)
+            out.append({"data_source": source, "prompt": [{"role": "user", "content": content}], "ability": "math",
+                        "reward_model": {"style": "rule", "ground_truth": str(answer)}, "extra_info": {"split": split, "index": i}})
+        write_records(out, os.path.join(args.out, f"{split}.parquet"))
+        print(f"wrote {len(out)} rows to {os.path.join(args.out, split + '.parquet')}", flush=True)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agro_dist.data", description="Logged generations for offline training.")
+    p = argparse.ArgumentParser(prog="python -m agro_dist.data", description="Data: logged generations for offline training (sample), prompts for training (prep).")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sample", help="sample a task's training prompts with vLLM and write them with rewards and behaviour log-probs")
     s.add_argument("--model", default="default", help="model folder, or 'default' (SmolLM2-135M-Instruct): pi_ref for the paper's offline setting")
@@ -325,6 +365,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-gb", type=float, default=2.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output file: .jsonl, or .parquet")
+    r = sub.add_parser("prep", help="turn a dataset (local JSONL/Parquet/CSV files, a saved folder, or a hub name where reachable) into "
+                                    "OUT/train.parquet and OUT/test.parquet in verl's layout, for --generator.task dataset")
+    r.add_argument("source", help="a data file, a folder of files by split (train.jsonl, test.jsonl, ...), a save_to_disk folder, or a hub name")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--preset", choices=sorted(PREP_PRESETS), help="the columns of GSM8K (its '#### N' answers), MATH or MATH-500")
+    r.add_argument("--prompt-key", help="the question column (default: the preset's)")
+    r.add_argument("--answer-key", help="the reference answer column (default: the preset's)")
+    r.add_argument("--instruction", default="", help="text appended to every question (default: none)")
+    r.add_argument("--hub-config", help="the hub dataset's configuration, e.g. main for openai/gsm8k")
     return p
 
 
@@ -336,6 +385,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     if args.cmd == "sample":
         return _sample(args)
+    if args.cmd == "prep":
+        return _prep(args)
     return 2
 
 

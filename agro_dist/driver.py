@@ -57,7 +57,8 @@ from agro_dist.storage import CheckpointWriteError, Storage, display, is_remote,
 # Written into every run folder at start: what run.overwrite needs to see before it deletes a folder.
 RUN_MARKER = ".agro_dist_run"
 # A run's files besides its checkpoints: uploaded to remote storage, downloaded to resume.
-RUN_FILES = ("config.yaml", "driver.log", "train.csv", "eval.csv", "summary.json", "training.png", "tensorboard", "redis", RUN_MARKER)
+RUN_FILES = ("config.yaml", "driver.log", "train.csv", "eval.csv", "samples.jsonl", "summary.json", "training.png", "tensorboard", "redis",
+             "wandb", "wandb_run_id", "mlruns", "mlflow_run_id", RUN_MARKER)
 
 log = logging.getLogger("agro_dist")
 
@@ -86,6 +87,16 @@ def _ray_errors():
 
     return (rex.RayActorError, rex.ActorUnavailableError) if hasattr(rex, "ActorUnavailableError") else (rex.RayActorError,)
 
+
+
+def reward_columns(cfg: Config) -> List[str]:
+    """The reward functions' names when ``generator.reward_fn`` is a list: train.csv's
+    ``reward_<name>`` columns (each function's mean over the completions generated since the
+    last row, before weighting)."""
+    from agro_dist.rewards import reward_parts
+
+    spec = cfg.generator.reward_fn
+    return [p.name for p in reward_parts(spec)] if isinstance(spec, list) else []
 
 class Driver:
     def __init__(self, cfg: Config, data: Optional[List[Any]] = None):
@@ -132,6 +143,10 @@ class Driver:
         self._gen_window = [0.0, 0.0, 0.0]  # tokens, engine seconds and reward seconds since the last row, all generators
         self._stale_seen: Dict[int, int] = {}
         self._reward_timeouts: Dict[int, int] = {}
+        self._reward_errors: Dict[int, int] = {}
+        # Each reward function's (sum, count) of values: per generator as last reported, and since the last row.
+        self._parts_last: Dict[int, Dict[str, tuple]] = {}
+        self._parts_window: Dict[str, List[float]] = {}
         self._gen_errors: Dict[int, int] = {}  # generator -> calls in a row that raised
         self._gen_down: set = set()  # generators failed and not yet back (Ray restarting them)
         self._where: Dict[str, str] = {}  # actor name -> the address of its node, as last asked
@@ -175,7 +190,9 @@ class Driver:
         self.buffer_url, self.buffer_options = None, {}
         if cfg.run.mode != "offline":  # offline: the learner reads the file's groups from the driver
             self._start_buffer()
-        self.monitor = RunMonitor(self.run_dir, cfg.run.name, resume=resume, tensorboard=cfg.run.tensorboard)
+        self.monitor = RunMonitor(self.run_dir, cfg.run.name, resume=resume,
+                                  tensorboard=cfg.run.tensorboard or "tensorboard" in cfg.run.loggers,
+                                  reward_names=reward_columns(cfg), loggers=cfg.run.loggers, config=cfg.to_dict())
         t = time.perf_counter()
         if cfg.run.mode != "offline":
             self.generators = startup.start_generators(cfg, self.buffer_url)
@@ -529,9 +546,11 @@ class Driver:
                 pass  # still restarting: the next round submits again
         if self.evaluator is None and 0 in self._gen_down:  # its first answer since it failed (no training call needed it yet)
             self._gen_back(0)
+        shown = res.pop("sample_completions", None) or []
         row = dict(step=step, samples=samples, generated_samples=self._generated_at.get(step), elapsed_s=elapsed, **res)
         self.evals.append(row)
         self.monitor.eval(row)
+        self.monitor.samples(step, shown)
         log.info("eval at step %d (v%d): sampled %.1f%%, greedy %.1f%% on %d held-out problems", step, int(res["version"]),
                  100 * res["sampled_accuracy"], 100 * res["greedy_accuracy"], int(res["eval_problems"]))
         return row
@@ -547,6 +566,17 @@ class Driver:
         self._gen_window[2] += rew - p_rew
         self._gen_last[i] = (tok, secs, rew)
         self._reward_timeouts[i] = int(stats.get("reward_timeouts", 0))
+        self._reward_errors[i] = int(stats.get("reward_errors", 0))
+        last = self._parts_last.get(i, {})
+        for name, st in (stats.get("reward_parts") or {}).items():
+            p_sum, p_n = last.get(name, (0.0, 0))
+            if st["count"] < p_n:  # a restarted generator counts from 0
+                p_sum, p_n = 0.0, 0
+            w = self._parts_window.setdefault(name, [0.0, 0])
+            w[0] += st["sum"] - p_sum
+            w[1] += st["count"] - p_n
+            last[name] = (st["sum"], st["count"])
+        self._parts_last[i] = last
         self._gen_errors[i] = 0
         if i in self._gen_down:
             self._gen_back(i, int(stats.get("version", -1)), stats.get("node"))
@@ -574,6 +604,7 @@ class Driver:
         """Generator i's actor failed: Ray restarts it (on another node if its own is gone). Calls
         made while it restarts fail at once: they are made again, quietly, until it is back."""
         self._gen_last[i] = (0.0, 0.0, 0.0)
+        self._parts_last.pop(i, None)
         if i not in self._gen_down:
             self._gen_down.add(i)
             self.gen_restarts += 1
@@ -626,7 +657,12 @@ class Driver:
             step_s=m.get("step_s"), wait_s=m.get("wait_s"), weight_sync_s=sync_s, generate_s=secs, reward_s=rew,
             ref_s=m.get("ref_s"), policy_s=m.get("policy_s"), optimizer_s=m.get("optimizer_s"), generator_restarts=self.gen_restarts,
             learner_restarts=self.learner_restarts, reward_timeouts=sum(self._reward_timeouts.values()),
+            reward_errors=sum(self._reward_errors.values()),
         )
+        # Each reward function's mean over the completions generated since the last row.
+        for name, (total, n) in self._parts_window.items():
+            row[f"reward_{name}"] = total / n if n else None
+        self._parts_window = {}
         return row, new_stale
 
     def _buffer_stats(self) -> Dict[str, Any]:

@@ -9,11 +9,12 @@ run folder (the source of truth; the plots are drawn from them), TensorBoard sca
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 log = logging.getLogger("agro_dist")
 
@@ -27,7 +28,7 @@ TRAIN_COLUMNS = [
     "response_len_mean", "behaviour_drift", "fresh_staleness_mean", "fresh_staleness_max", "replay_age_mean", "replay_age_max",
     "replay_fraction", "skipped", "buffer_backlog", "buffer_history", "buffer_full_s", "buffer_evicted_full",
     "stale_skipped", "generated_groups", "generated_tokens_per_s", "trained_tokens_per_s", "step_s", "wait_s",
-    "weight_sync_s", "generator_restarts", "learner_restarts", "reward_timeouts",
+    "weight_sync_s", "generator_restarts", "learner_restarts", "reward_timeouts", "reward_errors",
     # Where a step's time went (sync mode: the parts take turns): generation and reward scoring
     # (seconds since the last row, summed over generators), the learner's reference pass, policy
     # forward+backward and optimizer (within step_s).
@@ -59,27 +60,74 @@ GAUGES = {
     "agro_generated_samples": ("generated_samples", "completions generated so far (the cost of the data)"),
     "agro_generator_restarts": ("generator_restarts", "generator actor restarts so far"),
 }
+REWARD_FN_GAUGE = "each reward function's mean value (before weighting) over the completions generated since the last step"
 EVAL_GAUGES = {
     "agro_eval_sampled_accuracy": ("sampled_accuracy", "held-out accuracy, sampled at the training temperature"),
     "agro_eval_greedy_accuracy": ("greedy_accuracy", "held-out accuracy, greedy"),
 }
 
 
+def grafana_dashboard() -> Dict:
+    """A Grafana dashboard (JSON model) with a panel for every metric the driver exports, on Ray's
+    Prometheus datasource, filtered by a ``run`` variable: ``deploy/grafana/agro_dist.json`` is
+    this (``python -m agro_dist.monitor grafana``; a test keeps them equal)."""
+    series = [(f"ray_{n}", d) for n, (_, d) in {**GAUGES, **EVAL_GAUGES}.items()]
+    panels = []
+    for i, (metric, desc) in enumerate(series):
+        panels.append(dict(type="timeseries", title=metric.removeprefix("ray_agro_"), description=desc, id=i + 1,
+                           datasource={"type": "prometheus", "uid": "${datasource}"},
+                           gridPos=dict(h=8, w=8, x=8 * (i % 3), y=8 * (i // 3)),
+                           targets=[dict(expr=f'{metric}{{run=~"$run"}}', legendFormat="{{run}}", refId="A")]))
+    n = len(series)
+    extra = [("ray_agro_reward_fn_mean", REWARD_FN_GAUGE, 'ray_agro_reward_fn_mean{run=~"$run"}', "{{run}} {{fn}}"),
+             ("ray_agro_staleness", "fresh groups trained, by staleness (versions behind; histogram buckets)",
+              'sum by (le) (increase(ray_agro_staleness_bucket{run=~"$run"}[5m]))', "<= {{le}}")]
+    for j, (metric, desc, expr, legend) in enumerate(extra):
+        i = n + j
+        panels.append(dict(type="timeseries", title=metric.removeprefix("ray_agro_"), description=desc, id=i + 1,
+                           datasource={"type": "prometheus", "uid": "${datasource}"},
+                           gridPos=dict(h=8, w=8, x=8 * (i % 3), y=8 * (i // 3)),
+                           targets=[dict(expr=expr, legendFormat=legend, refId="A")]))
+    return dict(
+        title="agro_dist", uid="agro-dist", schemaVersion=39, version=1, refresh="10s", time={"from": "now-1h", "to": "now"},
+        tags=["ray", "agro_dist"], panels=panels,
+        templating={"list": [
+            dict(name="datasource", type="datasource", query="prometheus", current={}, hide=0),
+            dict(name="run", type="query", datasource={"type": "prometheus", "uid": "${datasource}"}, includeAll=True, multi=True,
+                 query={"query": "label_values(ray_agro_policy_version, run)", "refId": "run"}, refresh=2,
+                 current={"text": "All", "value": "$__all"}),
+        ]})
+
+
 class RunMonitor:
     """One per driver. ``train(row)`` / ``eval(row)`` record a step / an evaluation everywhere."""
 
-    def __init__(self, run_dir: str, run_name: str, *, resume: bool = False, tensorboard: bool = True, ray_metrics: bool = True):
+    def __init__(self, run_dir: str, run_name: str, *, resume: bool = False, tensorboard: bool = True, ray_metrics: bool = True,
+                 reward_names: Sequence[str] = (), loggers: Sequence[str] = (), config: Optional[Dict] = None):
+        """``reward_names``: the reward functions of ``generator.reward_fn`` when it is a list;
+        train.csv gains a ``reward_<name>`` column for each, and the gauge ``agro_reward_fn_mean``
+        a series per function (tag ``fn``). ``loggers``: ``run.loggers`` (W&B, MLflow: the
+        ``trackers`` module), given ``config`` as their parameters."""
         self.run_dir = run_dir
+        self.reward_names = list(reward_names)
         mode = "a" if resume else "w"
         self._files, self._writers = {}, {}
-        for name, cols in (("train", TRAIN_COLUMNS), ("eval", EVAL_COLUMNS)):
+        train_cols = TRAIN_COLUMNS + [f"reward_{n}" for n in self.reward_names]
+        for name, cols in (("train", train_cols), ("eval", EVAL_COLUMNS)):
             path = os.path.join(run_dir, f"{name}.csv")
             fresh = mode == "w" or not os.path.exists(path) or os.path.getsize(path) == 0
+            if not fresh:  # a resumed run appends under the file's own header
+                with open(path, newline="") as f:
+                    cols = next(csv.reader(f), cols)
             f = open(path, mode, newline="")
             w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", restval="")
             if fresh:
                 w.writeheader()
             self._files[name], self._writers[name] = f, w
+        from agro_dist.trackers import Trackers
+
+        self.trackers = Trackers(loggers, run_dir, run_name, config or {}, resume=resume)
+        self._samples = open(os.path.join(run_dir, "samples.jsonl"), mode)
         self.tb = None
         if tensorboard:
             try:
@@ -87,6 +135,7 @@ class RunMonitor:
             except ImportError as e:  # tensorboard is a dependency; a broken install should not stop training
                 log.warning("TensorBoard logging off: %s", e)
         self.gauges: Dict[str, tuple] = {}
+        self.reward_fn_gauge = None
         self.staleness_hist = None
         if ray_metrics:
             from ray.util import metrics
@@ -99,6 +148,9 @@ class RunMonitor:
             self.staleness_hist = metrics.Histogram("agro_staleness", description="staleness (versions) of each trained fresh group",
                                                     boundaries=STALENESS_BOUNDARIES, tag_keys=("run",))
             self.staleness_hist.set_default_tags(tags)
+            if self.reward_names:
+                self.reward_fn_gauge = metrics.Gauge("agro_reward_fn_mean", description=REWARD_FN_GAUGE, tag_keys=("run", "fn"))
+                self.reward_fn_gauge.set_default_tags(tags)
 
     def _record(self, kind: str, row: Dict[str, float], gauges: Dict[str, tuple]) -> None:
         self._writers[kind].writerow({k: _fmt(v) for k, v in row.items()})
@@ -109,12 +161,17 @@ class RunMonitor:
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
             self.tb.flush()
+        self.trackers.log(kind, row)
         for name, (col, g) in self.gauges.items():
             if name in gauges and isinstance(row.get(col), (int, float)) and math.isfinite(row[col]):
                 g.set(float(row[col]))
 
     def train(self, row: Dict[str, float], staleness_counts: Optional[Dict[int, int]] = None) -> None:
         self._record("train", row, GAUGES)
+        for n in self.reward_names:
+            v = row.get(f"reward_{n}")
+            if self.reward_fn_gauge is not None and isinstance(v, (int, float)) and math.isfinite(v):
+                self.reward_fn_gauge.set(float(v), tags={"fn": n})
         if self.staleness_hist is not None and staleness_counts:
             for s, c in staleness_counts.items():
                 for _ in range(int(c)):
@@ -123,7 +180,23 @@ class RunMonitor:
     def eval(self, row: Dict[str, float]) -> None:
         self._record("eval", row, EVAL_GAUGES)
 
+    def samples(self, step: int, rows: List[Dict]) -> None:
+        """An evaluation's sampled completions (prompt, completion, reward, answer): a line each in
+        ``samples.jsonl``, a table in the trackers, a text summary in TensorBoard."""
+        rows = [dict(step=step, **r) for r in rows]
+        for r in rows:
+            self._samples.write(json.dumps(r) + "\n")
+        self._samples.flush()
+        if self.tb is not None and rows:
+            text = "\n\n".join(f"**reward {r['reward']:g}** (answer {r['answer']})\n\n    {r['prompt']}\n    -> {r['completion']}"
+                                for r in rows)
+            self.tb.add_text("eval/samples", text, step)
+            self.tb.flush()
+        self.trackers.samples(step, rows)
+
     def close(self) -> None:
+        self.trackers.close()
+        self._samples.close()
         for f in self._files.values():
             f.close()
         if self.tb is not None:
@@ -161,6 +234,18 @@ class ScalarWriter:
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         summary = self._summary(value=[self._summary.Value(tag=tag, simple_value=float(value))])
+        self._writer.add_event(self._event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        """A text summary (TensorBoard's Text tab; markdown), as ``SummaryWriter.add_text`` writes it."""
+        from tensorboard.compat.proto.summary_pb2 import SummaryMetadata
+        from tensorboard.compat.proto.tensor_pb2 import TensorProto
+        from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+
+        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
+        tensor = TensorProto(dtype=7, string_val=[text.encode()],  # 7: DT_STRING
+                             tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
+        summary = self._summary(value=[self._summary.Value(tag=tag, metadata=meta, tensor=tensor)])
         self._writer.add_event(self._event(wall_time=time.time(), step=int(step), summary=summary))
 
     def flush(self) -> None:
@@ -269,3 +354,11 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> str:
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["grafana"]:
+        sys.exit("usage: python -m agro_dist.monitor grafana > deploy/grafana/agro_dist.json")
+    print(json.dumps(grafana_dashboard(), indent=1))

@@ -1,7 +1,8 @@
 """A reward worker process: ``python -m agro_dist.reward_worker SPEC``.
 
-Reads one JSON job per line on stdin (``[text, reference, metadata]``), writes one JSON reply per
-line on stdout (``["ok", value]`` or ``["error", message]``). Started by ``RewardScorer`` as a
+Reads one JSON job per line on stdin (``[texts, reference, metadata, prompt]``: one completion
+for a per-completion function, a group for a batched one), writes one JSON reply per line on
+stdout (``["ok", [value or null, ...]]`` or ``["error", message]``). Started by ``RewardScorer`` as a
 plain subprocess, so it never imports the caller's ``__main__`` (multiprocessing's spawn would),
 and killed by it when a call exceeds the time limit.
 """
@@ -14,16 +15,16 @@ import sys
 def main() -> int:
     # We time out by killing this process; math-verify's note that its own timeout is off is noise.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    from agro_dist.rewards import resolve_reward_fn
+    from agro_dist.rewards import call_reward, resolve_reward_fn, reward_kind
 
     fn = resolve_reward_fn(sys.argv[1])
+    kind = reward_kind(fn)
     out = sys.stdout
     sys.stdout = sys.stderr  # a reward function that prints must not corrupt the protocol
     for line in sys.stdin:
-        text, ref, meta = json.loads(line)
+        texts, ref, meta, prompt = json.loads(line)
         try:
-            value = float(fn(text, ref, meta))
-            reply = ["ok", value] if value == value and abs(value) != float("inf") else ["error", f"reward function returned {value}"]
+            reply = ["ok", call_reward(fn, kind, texts, ref, meta, prompt)]
         except Exception as e:  # noqa: BLE001 - any failure of user code scores 0 and is counted
             reply = ["error", f"{type(e).__name__}: {e}"[:500]]
         out.write(json.dumps(reply) + "\n")

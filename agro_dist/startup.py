@@ -88,9 +88,12 @@ def start_ray(cfg: Config) -> bool:
                            log_to_driver=True, object_store_memory=object_store_bytes(cfg))
         except Exception as e:
             raise StartupError(f"cannot start a local Ray: {first_line(e)}") from None
-    log.info("Ray %s: %s CPU, %s GPU; dashboard http://%s", address or "local (started here)",
-             ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0),
-             getattr(ctx, "dashboard_url", None) or "(not running)")
+    url = getattr(ctx, "dashboard_url", None)
+    # Ray 2.60's dashboard asks for the cluster's token first (token auth is on unless RAY_AUTH_MODE=disabled).
+    login = "" if not url or os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" else \
+        " (it asks for a token: `ray get-auth-token` prints it)"
+    log.info("Ray %s: %s CPU, %s GPU; dashboard http://%s%s", address or "local (started here)",
+             ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0), url or "(not running)", login)
     return not address
 
 

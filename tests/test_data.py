@@ -136,3 +136,24 @@ def test_the_driver_refuses_a_bad_file_before_anything_starts(tmp_path):
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
     assert f"agro_dist: error: data.path: {path}:2: rewards: 1 rewards for 2 completions" in p.stderr
     assert "Ray" not in p.stdout and not (tmp_path / "agro").exists()  # nothing started, no run folder
+
+
+def test_prep_writes_gsm8k_in_verls_layout_which_the_dataset_task_reads(tmp_path):
+    import pathlib
+
+    from agro_dist.data import main
+    from agro_dist.tasks import load_task
+
+    shared = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+    assert main(["prep", str(shared), "--preset", "gsm8k", "--out", str(tmp_path / "gsm8k")]) == 0
+    t = load_task("dataset", str(tmp_path / "gsm8k"), reward_fn="numeric")
+    assert len(t._train) == 7473 and len(t.eval_set()) == 1319 and t.answer_key == "reward_model.ground_truth"
+    first = json.loads((shared / "test.jsonl").open().readline())
+    p = t.eval_set()[0]
+    assert p.answer == first["answer"].split("####")[-1].strip() and p.messages == [{"role": "user", "content": first["question"]}]
+    assert p.metadata["data_source"] == "openai/gsm8k" and p.metadata["extra_info"] == {"split": "test", "index": 0}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.jsonl").write_text('{"question": "q", "answer": "no final answer"}\n')
+    with pytest.raises(SystemExit, match=r"train.jsonl:1: field 'answer': no '#### N' final answer"):
+        main(["prep", str(bad), "--preset", "gsm8k", "--out", str(tmp_path / "out")])

@@ -130,3 +130,42 @@ def test_user_reward_functions_by_import_path():
     with pytest.raises(ValueError, match="use one of"):
         resolve_reward_fn("maths")
     assert here  # reward_fns is importable because tests/ is on the path (pytest rootdir)
+
+
+def test_trl_batched_and_verl_signatures_several_functions_with_weights():
+    from agro_dist.rewards import reward_kind, reward_parts
+
+    assert [reward_kind(resolve_reward_fn(s)) for s in ("math", "reward_fns:contains_answer", "reward_fns:trl_contains",
+                                                        "reward_fns:verl_score")] == ["completion", "completion", "batched", "verl"]
+    texts = ["it is 42", "it is 41", "no digits here"]
+    with RewardScorer("reward_fns:trl_contains", timeout_s=5.0) as s:
+        assert s.score(texts, "42", {"answer": "42"}, "What is 6 x 7?") == [1.0, 0.0, 0.0]
+        assert s.stats.calls == 1  # one call for the group
+    with RewardScorer("reward_fns:verl_score", timeout_s=5.0) as s:
+        assert s.score(texts, "41", {"data_source": "mine"}) == [0.0, 1.0, 0.0]
+    # Several functions: the weighted sum, each function's mean kept apart; None adds 0 and is counted.
+    spec = ["reward_fns:contains_answer", {"fn": "reward_fns:trl_length_or_none", "weight": 0.5, "name": "short"}, "numeric"]
+    assert [p.name for p in reward_parts(spec)] == ["contains_answer", "short", "numeric"]
+    with RewardScorer(spec, timeout_s=5.0) as s:
+        got = s.score(texts, "42", {"answer": "42"}, "q")
+        assert got == pytest.approx([1 + 0.5 * -0.08 + 1, 0.5 * -0.08, 0.0])
+        parts = s.part_stats()
+        assert parts["contains_answer"]["sum"] == 1.0 and parts["contains_answer"]["count"] == 3
+        assert parts["short"]["not_applicable"] == 1 and parts["short"]["sum"] == pytest.approx(-0.16)
+        assert parts["numeric"]["sum"] == 1.0 and s.stats.errors == 0
+    # Chat prompts reach a batched function in TRL's conversational form, with the row's columns.
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    with RewardScorer("reward_fns:trl_chat_echo", timeout_s=5.0) as s:
+        assert s.score(["a", "b"], "1", {"level": 3}, chat) == [3.0, 3.0] and s.stats.errors == 0
+    # A wrong-length answer, a hang: the group scores 0, counted; a bad spec is refused by name.
+    with RewardScorer("reward_fns:trl_wrong_length", timeout_s=5.0) as s:
+        assert s.score(["a", "b"], "1") == [0.0, 0.0] and s.stats.errors == 1
+        assert "must return a list of 2 values" in s.stats.last_errors[0]
+    with RewardScorer("reward_fns:trl_hangs", timeout_s=0.5) as s:
+        t = time.monotonic()
+        assert s.score(["a", "b"], "1") == [0.0, 0.0] and s.stats.timeouts == 1
+        assert time.monotonic() - t < 0.5 * 2 + 5  # the group's limit (0.5 s per completion) plus a restart
+    for bad, msg in (([], "the list is empty"), ([{"fn": "math", "weight": "x"}], "weight must be a number"),
+                     ([{"func": "math"}], "expected 'pkg.module:function'"), (["reward_fns:missing"], "cannot be imported")):
+        with pytest.raises(ValueError, match=msg):
+            RewardScorer(bad)

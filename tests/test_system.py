@@ -290,6 +290,22 @@ def _jsonl_task(tmp_path):
     return ["--generator.task", "jsonl", "--generator.task_path", str(path), "--generator.task_options", "{question_field: q, answer_field: a}"]
 
 
+def _dataset_task(tmp_path):
+    """verl's Parquet layout (chat prompts, reward_model.ground_truth) with a system prompt, scored
+    by two reward functions summed with weights: agro_dist's signature and TRL's batched one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"data_source": "sums", "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
+             "reward_model": {"ground_truth": str(2 * i)}, "level": 2} for i in range(40)]
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:34]), str(tmp_path / "data" / "train.parquet"))
+    pq.write_table(pa.Table.from_pylist(rows[34:]), str(tmp_path / "data" / "test.parquet"))
+    return ["--generator.task", "dataset", "--generator.task_path", str(tmp_path / "data"),
+            "--generator.task_options", "{system_prompt: Be brief.}",
+            "--generator.reward_fn", "[reward_fns:even_length, {fn: reward_fns:trl_chat_echo, weight: 0.5, name: lvl}]"]
+
+
 # Every registered loss through the driver, each on another task preset (issue 16): a listed option
 # that crashes is a defect. Rewards: even_length, so that groups have a spread to learn from.
 LOSS_RUNS = {
@@ -297,9 +313,9 @@ LOSS_RUNS = {
                             "--generator.n", "3", "--learner.loss_options", "{lr_baseline: loo_var}"],
     "rloo": lambda tmp: ["--learner.loss_options", "{kl_estimator: causal}", "--generator.task", "math", "--generator.task_path",
                          f"{SHARED}/math", "--run.eval_task", "math500", "--run.eval_task_path", f"{SHARED}/math500"],
-    "kl_pg": _jsonl_task,
+    "kl_pg": lambda tmp: _dataset_task(tmp),
     "grpo": lambda tmp: ["--generator.task_options", "{levels: [2, 3]}"],
-    "agro_single": lambda tmp: ["--run.checkpoint_every", "1"],
+    "agro_single": lambda tmp: ["--run.checkpoint_every", "1", *_jsonl_task(tmp)],
     "dpo": lambda tmp: ["--generator.task", "math500", "--generator.task_path", f"{SHARED}/math500"],  # refused: see below
 }
 
@@ -328,7 +344,15 @@ def test_every_loss_and_task_preset_runs_through_the_driver(head, tiny_vllm_mode
     assert [int(r["step"]) for r in rows] == [1, 2] and all(r["skipped"] == "0" for r in rows), rows
     assert all(r["loss"] != "" and float(r["kl"]) >= 0 for r in rows)
     ev = _rows(run / "eval.csv")
-    assert int(ev[-1]["version"]) == 2 and 1 <= int(ev[0]["eval_problems"]) <= 6  # run.eval_size (a 40-line jsonl holds out 3)
+    assert int(ev[-1]["version"]) == 2 and 1 <= int(ev[0]["eval_problems"]) <= 6  # run.eval_size
+    if loss == "kl_pg":  # two reward functions: each one's mean in its column, the reward their weighted sum
+        assert all(float(r["reward_lvl"]) == 2.0 and 0 <= float(r["reward_even_length"]) <= 1 for r in rows), rows
+        assert all(1.0 <= float(r["reward_mean"]) <= 2.0 and r["reward_errors"] == "0" for r in rows), rows
+        # held-out accuracy is the first function's (even_length: a share), not the weighted sum (>= 1 here)
+        assert all(0 <= float(e["sampled_accuracy"]) <= 1 and 0 <= float(e["greedy_accuracy"]) <= 1 for e in ev), ev
+        shown = [json.loads(line) for line in open(run / "samples.jsonl")]
+        assert len(shown) == 4 * len(ev) and {s["step"] for s in shown} == {int(e["step"]) for e in ev}
+        assert all(s["prompt"].startswith("What is") and s["reward"] in (0.0, 1.0) for s in shown), shown
     if loss == "agro_single":  # the value head is checkpointed with the policy
         ck = run / "checkpoints"
         assert sorted(os.listdir(ck)) == ["latest", "step_00000001", "step_00000002"]
@@ -690,7 +714,9 @@ def test_ray_job_submit_runs_the_job_and_its_metrics_reach_the_head(head, tiny_v
     # As the README says: no output_dir, so the run is kept in ~/agro_dist_results, never in the job's
     # temporary working directory (HOME points into tmp_path for the test).
     # Replay, so that every metric has a value (a replayed group's age, the replayed samples).
-    args = _without_output_dir(_args(tiny_vllm_model, tmp_path, "job", "--run.mode", "async", "--run.steps", "16", "--run.replay_prob", "0.25"))
+    # Two reward functions (the second weighted 0: the same reward), so that the per-function gauge is exported.
+    args = _without_output_dir(_args(tiny_vllm_model, tmp_path, "job", "--run.mode", "async", "--run.steps", "16", "--run.replay_prob", "0.25",
+                                     "--generator.reward_fn", "[reward_fns:even_length, {fn: reward_fns:contains_answer, weight: 0}]"))
     home = tmp_path / "home"
     # The caches stay where they are (a new HOME would rebuild DeepSpeed's extension in every actor).
     env_vars = {"PYTHONPATH": TESTS, "HOME": str(home), "XDG_CACHE_HOME": os.path.join(os.path.expanduser("~"), ".cache")}
@@ -702,6 +728,11 @@ def test_ray_job_submit_runs_the_job_and_its_metrics_reach_the_head(head, tiny_v
     listed = set(re.findall(r"`ray_(agro_\w+)`", readme[readme.index("**The dashboard.**"):readme.index("tagged with the run.")]))
     assert listed == set(GAUGES) | set(EVAL_GAUGES) | {"agro_staleness"}, listed ^ (set(GAUGES) | set(EVAL_GAUGES))
     want = {f"ray_{n}" + ("_bucket" if n == "agro_staleness" else "") for n in listed}
+    # ... and every metric a panel of the Grafana dashboard in deploy/ plots.
+    dash = json.load(open(os.path.join(ROOT, "deploy", "grafana", "agro_dist.json")))
+    plotted = {re.search(r"ray_agro_\w+", t["expr"]).group(0) for p in dash["panels"] for t in p["targets"]}
+    assert len(plotted) == len(dash["panels"]) == len(listed) + 1, plotted  # + the per-function reward
+    want |= plotted
     seen: dict = {}
     deadline = time.time() + 420
     # This job's own metrics (its run's tag): the head may still export those of the runs before it,
