@@ -244,3 +244,10 @@ def test_bad_task_inputs_exit_2_naming_the_key_before_ray_starts(tmp_path):
         p = subprocess.run(base + args, capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert p.returncode == 2 and message in p.stderr, (args, p.stdout[-1000:], p.stderr[-2000:])
         assert "Ray" not in p.stdout + p.stderr and "Traceback" not in p.stderr, p.stdout + p.stderr
+
+
+def test_the_shipped_configs_validate():
+    # deploy/gpu.yaml (the GPU cluster's), docs/experiments/task.yaml (the experiments'): what a user copies must load.
+    for rel in ("deploy/gpu.yaml", "docs/experiments/task.yaml"):
+        cfg = config.load(os.path.join(ROOT, rel))
+        assert cfg.run.steps > 0 or cfg.run.max_generated or cfg.run.max_minutes, rel
