@@ -223,22 +223,28 @@ def call_reward(fn: Callable[..., Any], kind: str, texts: List[str], reference: 
         kw.setdefault("answer", [reference] * n)  # logged data keeps the reference outside its metadata
         kw["prompts"] = [prompt] * n
         kw["completions"] = [[{"role": "assistant", "content": t}] for t in texts] if chat else list(texts)
-        import inspect
-
-        params = inspect.signature(fn).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            kw = {k: v for k, v in kw.items() if k in params}
-        values = fn(**kw)
+        values = fn(**_accepted(fn, kw))
         if not isinstance(values, (list, tuple)) or len(values) != n:
             raise ValueError(f"a batched reward function must return a list of {n} values (one per completion), got {values!r:.80}")
         return [None if v is None else _finite(v) for v in values]
-    if kind == "verl":
+    if kind == "verl":  # verl's custom reward function, or one of its built-in compute_score(solution_str, ground_truth, ...)
         out = []
         for t in texts:
-            v = fn(data_source=metadata.get("data_source"), solution_str=t, ground_truth=reference, extra_info=metadata.get("extra_info"))
+            kw = dict(data_source=metadata.get("data_source"), solution_str=t, ground_truth=reference, extra_info=metadata.get("extra_info"))
+            v = fn(**_accepted(fn, kw))
             out.append(_finite(v["score"] if isinstance(v, dict) else v))
         return out
     return [_finite(fn(t, reference, metadata)) for t in texts]
+
+
+def _accepted(fn: Callable[..., Any], kw: Dict[str, Any]) -> Dict[str, Any]:
+    """The keyword arguments ``fn`` takes: all of them if it has ``**kwargs``."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kw
+    return {k: v for k, v in kw.items() if k in params}
 
 
 def _finite(v: Any) -> float:

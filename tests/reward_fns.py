@@ -54,3 +54,8 @@ def trl_hangs(prompts, completions, **kwargs):
 # verl's compute_score signature: one completion a call, a number or {"score": ...}.
 def verl_score(data_source, solution_str, ground_truth, extra_info=None):
     return {"score": 1.0 if solution_str.strip().endswith(ground_truth) else 0.0, "source": data_source}
+
+
+# verl's built-in form (verl.utils.reward_score.gsm8k.compute_score): no data_source or extra_info.
+def verl_builtin_form(solution_str, ground_truth, method="strict", format_score=0.0, score=1.0):
+    return score if solution_str.strip().endswith(ground_truth) else format_score

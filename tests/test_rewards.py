@@ -143,6 +143,8 @@ def test_trl_batched_and_verl_signatures_several_functions_with_weights():
         assert s.stats.calls == 1  # one call for the group
     with RewardScorer("reward_fns:verl_score", timeout_s=5.0) as s:
         assert s.score(texts, "41", {"data_source": "mine"}) == [0.0, 1.0, 0.0]
+    with RewardScorer("reward_fns:verl_builtin_form", timeout_s=5.0) as s:  # takes only the arguments it names
+        assert s.score(texts, "41", {"data_source": "mine"}) == [0.0, 1.0, 0.0] and s.stats.errors == 0
     # Several functions: the weighted sum, each function's mean kept apart; None adds 0 and is counted.
     spec = ["reward_fns:contains_answer", {"fn": "reward_fns:trl_length_or_none", "weight": 0.5, "name": "short"}, "numeric"]
     assert [p.name for p in reward_parts(spec)] == ["contains_answer", "short", "numeric"]
