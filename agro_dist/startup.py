@@ -83,6 +83,8 @@ def start_ray(cfg: Config) -> bool:
         # temp folder last recorded (ray_current_cluster), even a dead one (issue 18). In the main
         # thread: Ray ties the head's processes to the thread that starts them.
         own_ray_tmpdir()
+        # Ray's warning that token auth is on: the dashboard line below says how to get in.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         try:
             ctx = ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
                            log_to_driver=True, object_store_memory=object_store_bytes(cfg))
