@@ -239,7 +239,13 @@ def test_bad_task_inputs_exit_2_naming_the_key_before_ray_starts(tmp_path):
         (["--generator.task", "gsm8k", "--generator.task_path", str(tmp_path / "missing")], f"task data not found: {tmp_path / 'missing'}"),
         (["--run.eval_task_options", "{levels: [2]}"], "run.eval_task_path and run.eval_task_options belong to run.eval_task"),
         (["--run.eval_task", "arithmetic", "--run.eval_task_options", "{bogus: 1}"], "run.eval_task=arithmetic: bad task options"),
+        # your data, your reward (issue 40): the row and field, the list item, the template
+        (["--generator.task", "dataset", "--generator.task_path", str(tmp_path / "rows.jsonl")],
+         f"generator.task=dataset (path {tmp_path / 'rows.jsonl'}): {tmp_path / 'rows.jsonl'}:2: field 'prompt' missing"),
+        (["--generator.reward_fn", "[numeric, {fn: math, weight: heavy}]"], "generator.reward_fn: reward function 1 (math): weight must be a number"),
+        (["--generator.task_options", "{chat_template: '{% if %}'}"], "task_options.chat_template: not a valid Jinja template"),
     ]
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "What is 1 + 1?", "answer": "2"}\n{"question": "What is 2 + 2?", "answer": "4"}\n')
     for args, message in cases:
         p = subprocess.run(base + args, capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert p.returncode == 2 and message in p.stderr, (args, p.stdout[-1000:], p.stderr[-2000:])
