@@ -164,6 +164,10 @@ def reward_kind(fn: Callable[..., Any]) -> str:
     return "completion"
 
 
+# train.csv's own reward_* columns, which a function's reward_<name> must not take.
+_RESERVED_COLUMNS = ("reward_mean", "reward_timeouts", "reward_errors", "reward_s")
+
+
 @dataclass
 class RewardPart:
     """One reward function of ``generator.reward_fn``: its import spec, weight and column name."""
@@ -198,6 +202,9 @@ def reward_parts(spec: Any) -> List[RewardPart]:
             name, k = f"{base}_{k}", k + 1
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"reward function {i}: name {name!r} must be letters, digits, '_', '.' or '-' (a column of train.csv)")
+        if f"reward_{name}" in _RESERVED_COLUMNS:
+            raise ValueError(f"reward function {i}: name {name!r} would make the column reward_{name}, which train.csv has "
+                             f"already: give it another name ({{fn: {part.fn}, name: ...}})")
         seen.add(name)
         part.name = name
         parts.append(part)

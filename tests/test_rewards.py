@@ -167,7 +167,12 @@ def test_trl_batched_and_verl_signatures_several_functions_with_weights():
         t = time.monotonic()
         assert s.score(["a", "b"], "1") == [0.0, 0.0] and s.stats.timeouts == 1
         assert time.monotonic() - t < 0.5 * 2 + 5  # the group's limit (0.5 s per completion) plus a restart
+    from agro_dist.monitor import TRAIN_COLUMNS
+    from agro_dist.rewards import _RESERVED_COLUMNS
+
+    assert {c for c in TRAIN_COLUMNS if c.startswith("reward_")} == set(_RESERVED_COLUMNS)
     for bad, msg in (([], "the list is empty"), ([{"fn": "math", "weight": "x"}], "weight must be a number"),
-                     ([{"func": "math"}], "expected 'pkg.module:function'"), (["reward_fns:missing"], "cannot be imported")):
+                     ([{"func": "math"}], "expected 'pkg.module:function'"), (["reward_fns:missing"], "cannot be imported"),
+                     ([{"fn": "math", "name": "mean"}], "would make the column reward_mean, which train.csv has already")):
         with pytest.raises(ValueError, match=msg):
             RewardScorer(bad)
