@@ -41,6 +41,23 @@ def check_loggers(names: Sequence[str]) -> None:
         if n in _EXTRAS and importlib.util.find_spec(_EXTRAS[n][0]) is None:
             raise ValueError(f"logger {n} needs the {_EXTRAS[n][0]} package: pip install -e \".[{_EXTRAS[n][1]}]\" "
                              f"(or pip install {'mlflow-skinny' if n == 'mlflow' else n})")
+        if n == "wandb" and not _wandb_can_log():
+            raise ValueError("logger wandb: not logged in to W&B (no WANDB_API_KEY, no netrc entry): run `wandb login`, or set "
+                             "WANDB_MODE=offline to keep the run in the run folder and `wandb sync` it later")
+
+
+def _wandb_can_log() -> bool:
+    """Whether wandb.init will not stop for a login: offline or disabled, or a key it can find."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -95,8 +95,17 @@ def test_a_tracker_that_fails_mid_run_is_switched_off_and_training_goes_on(tmp_p
     assert len(open(tmp_path / "train.csv").readlines()) == 3
 
 
-def test_unknown_or_missing_loggers_are_refused_before_start():
+def test_unknown_or_missing_loggers_are_refused_before_start(tmp_path, monkeypatch):
     from agro_dist.config import ConfigError, load
+
+    # W&B online with no key anywhere would stop for a login (or wait on the network): refused first.
+    for k in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    with pytest.raises(ConfigError, match="not logged in to W&B.*WANDB_MODE=offline"):
+        load(overrides={"run.loggers": ["wandb"]})
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert load(overrides={"run.loggers": ["wandb"]}).run.loggers == ["wandb"]
 
     with pytest.raises(ConfigError, match="run.loggers: unknown logger 'comet'"):
         load(overrides={"run.loggers": ["wandb", "comet"]})
