@@ -41,9 +41,29 @@ def check_loggers(names: Sequence[str]) -> None:
         if n in _EXTRAS and importlib.util.find_spec(_EXTRAS[n][0]) is None:
             raise ValueError(f"logger {n} needs the {_EXTRAS[n][0]} package: pip install -e \".[{_EXTRAS[n][1]}]\" "
                              f"(or pip install {'mlflow-skinny' if n == 'mlflow' else n})")
+        if n == "mlflow":
+            why = _mlflow_unreachable()
+            if why:
+                raise ValueError(f"logger mlflow: {why} (MLFLOW_TRACKING_URI); unset it for a file store in the run folder")
         if n == "wandb" and not _wandb_can_log():
             raise ValueError("logger wandb: not logged in to W&B (no WANDB_API_KEY, no netrc entry): run `wandb login`, or set "
                              "WANDB_MODE=offline to keep the run in the run folder and `wandb sync` it later")
+
+
+def _mlflow_unreachable(timeout_s: float = 5.0) -> Optional[str]:
+    """Why an http(s) MLFLOW_TRACKING_URI cannot be reached, or None (MLflow's client would retry
+    a dead server for minutes, mid-start)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    if url.scheme not in ("http", "https"):
+        return None
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s).close()
+    except OSError as e:
+        return f"the tracking server {url.hostname}:{url.port or ''} cannot be reached ({e})"
+    return None
 
 
 def _wandb_can_log() -> bool:

@@ -106,6 +106,16 @@ def test_unknown_or_missing_loggers_are_refused_before_start(tmp_path, monkeypat
         load(overrides={"run.loggers": ["wandb"]})
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert load(overrides={"run.loggers": ["wandb"]}).run.loggers == ["wandb"]
+    # An MLflow server that is not there: refused at once, not after the client's minutes of retries.
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match=f"tracking server 127.0.0.1:{port} cannot be reached"):
+        load(overrides={"run.loggers": ["mlflow"]})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
     with pytest.raises(ConfigError, match="run.loggers: unknown logger 'comet'"):
         load(overrides={"run.loggers": ["wandb", "comet"]})
