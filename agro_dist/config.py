@@ -2,8 +2,8 @@
 
 Keys are ``section.key`` (``learner.lr``, ``run.replay_prob``) plus the top-level ``model``.
 Precedence: command line > ``--config`` file > the defaults below. ``python -m agro_dist
---help`` lists every key with its default and meaning (taken from ``HELP``); the README's key
-table is checked against the same list by the tests.
+--help`` lists every key with its default and meaning (taken from ``HELP``); ``docs/config.md``
+is generated from the same (``markdown_table``), and a test keeps it equal.
 
 The ``generator`` and ``learner`` sections are ``GeneratorConfig`` and ``LearnerConfig``
 themselves (minus the fields the driver sets: model, seed, generator id), so a key added there
@@ -120,7 +120,8 @@ SECTIONS = {"run": RunConfig, "generator": GeneratorConfig, "learner": LearnerCo
             "resources": ResourcesSection}
 
 HELP: Dict[str, str] = {
-    "model": "Hugging Face model folder for the policy, the reference and the generators; 'default' = SmolLM2-135M-Instruct (embedded)",
+    "model": "Hugging Face model folder (or a hub id, org/name, where the hub is reachable) for the policy, the reference and the "
+             "generators; 'default' = SmolLM2-135M-Instruct (embedded)",
     # run
     "run.name": "run name ([A-Za-z0-9][A-Za-z0-9._-]*, at most 128): outputs go to output_dir/name; also names the Ray actors "
                 "and the buffer",
@@ -687,6 +688,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def markdown_table() -> str:
+    """Every key, its default and its help as a Markdown table: ``docs/config.md`` is this
+    (``python -m agro_dist.config markdown``; a test keeps them equal), from the text ``--help`` shows."""
+    def default(v: Any) -> str:
+        return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{k}` | `{default(v)}` | {HELP.get(k, '').replace('|', chr(92) + '|')} |" for k, v in keys()]
+    return "\n".join(lines) + "\n"
+
+
+CONFIG_DOC_HEAD = """# Every config key
+
+Generated from the same text as `python -m agro_dist --help` (`python -m agro_dist.config markdown >
+docs/config.md`; a test keeps this file equal to it). Keys are `section.key` in a `--config` YAML
+file (sections `run:`, `generator:`, `learner:`, `data:`, `buffer:`, `resources:`, plus the
+top-level `model`) or `--section.key VALUE` on the command line, which wins. Values are YAML.
+
+"""
+
+
 JOB_STORAGE = "~/agro_dist_results"  # Ray Train's ~/ray_results, for agro_dist
 
 
@@ -720,3 +742,11 @@ def from_args(argv: Optional[List[str]] = None) -> Tuple[Config, argparse.Namesp
         cfg = resume_config(cfg, {**(_read(ns.config) if ns.config else {}), **overrides})
     validate(cfg)
     return cfg, ns
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["markdown"]:
+        sys.exit("usage: python -m agro_dist.config markdown > docs/config.md")
+    sys.stdout.write(CONFIG_DOC_HEAD + markdown_table())
