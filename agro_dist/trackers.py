@@ -53,17 +53,13 @@ def check_loggers(names: Sequence[str]) -> None:
 def _mlflow_unreachable(timeout_s: float = 5.0) -> Optional[str]:
     """Why an http(s) MLFLOW_TRACKING_URI cannot be reached, or None (MLflow's client would retry
     a dead server for minutes, mid-start)."""
-    import socket
-    from urllib.parse import urlparse
+    from agro_dist.tasks import endpoint_unreachable
 
-    url = urlparse(os.environ.get("MLFLOW_TRACKING_URI", ""))
-    if url.scheme not in ("http", "https"):
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
         return None
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s).close()
-    except OSError as e:
-        return f"the tracking server {url.hostname}:{url.port or ''} cannot be reached ({e})"
-    return None
+    why = endpoint_unreachable(uri, timeout_s)
+    return f"the tracking server {why}" if why else None
 
 
 def _wandb_can_log() -> bool:
