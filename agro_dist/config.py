@@ -267,6 +267,11 @@ HELP: Dict[str, str] = {
     "learner.ref_cache_groups": "reference log-probs cached for this many groups (replay needs no second pass)",
     "learner.gradient_checkpointing": "recompute activations in backward (memory)",
     "learner.value_lr": "agro_single only: AdamW learning rate of the value head V(x) (a linear map of the detached prompt state)",
+    "learner.lora_rank": "LoRA adapters (peft) of this rank instead of full fine-tuning (0: off); the reference is then the base model "
+                         "with the adapters off (no second copy); ZeRO 0-2",
+    "learner.lora_alpha": "LoRA scale alpha (the update is alpha / rank x B A); 0 = 2 x lora_rank",
+    "learner.lora_dropout": "dropout on the LoRA path",
+    "learner.lora_targets": "module names to adapt, e.g. [q_proj, v_proj]; [] = every linear layer but the output head (peft's all-linear)",
     "learner.exact_kl": "report kl = exact KL(pi, pi_ref) over the vocabulary at each response position (right off-policy too); costs a reference pass for replayed groups",
     "learner.deepspeed": "DeepSpeed config merged over the generated one",
 }
@@ -465,7 +470,7 @@ def load(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
 # weights' shapes, DeepSpeed's optimizer partitioning, the ranks' files, the value head). Given with
 # another value on resume they are refused; every other key may change (steps, lr, eval, data, ...).
 RESUME_FIXED = ("model", "learner.ref_model", "learner.loss", "learner.temperature", "learner.zero_stage", "learner.offload_optimizer",
-                "learner.dtype", "resources.learner_ranks")
+                "learner.dtype", "resources.learner_ranks", "learner.lora_rank", "learner.lora_alpha", "learner.lora_targets")
 
 
 def _get(cfg: Config, key: str) -> Any:
@@ -591,6 +596,15 @@ def validate(cfg: Config) -> None:
     t = lc.temperature
     if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
         raise ConfigError(f"learner.temperature must be a number > 0 or null (= generator.temperature), got {t!r}")
+    if lc.lora_rank < 0 or lc.lora_alpha < 0 or not 0 <= lc.lora_dropout < 1:
+        raise ConfigError(f"learner.lora_rank and lora_alpha must be >= 0 and lora_dropout in [0, 1), got {lc.lora_rank}, "
+                          f"{lc.lora_alpha}, {lc.lora_dropout}")
+    if lc.lora_rank and lc.zero_stage == 3:
+        raise ConfigError("learner.lora_rank > 0 trains a few MB of adapters: use learner.zero_stage 0-2 (ZeRO 3 with peft is not "
+                          "supported here)")
+    if lc.lora_rank and lc.ref_model not in (None, cfg.model):
+        raise ConfigError("learner.lora_rank > 0: the reference is the base model with the adapters off, so learner.ref_model must be "
+                          f"unset (got {lc.ref_model})")
     _check_on_policy(cfg)
     if not os.environ.get("AGRO_ALLOW_REDIS_6379") and cfg.buffer.redis_port == 6379:
         raise ConfigError("buffer.redis_port 6379 is Ray's default GCS port; pick another")

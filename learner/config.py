@@ -4,7 +4,7 @@ so that reading a config (the driver, ``--help``) does not import torch, DeepSpe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 # How a micro-batch meets the model (batching.py; measured in docs/learner.md).
 PACKINGS = ("prefix", "rows", "none")
@@ -59,5 +59,12 @@ class LearnerConfig:
     # prompt's last token) has its own AdamW at this learning rate: it must track the scale of
     # the regularised reward within tens of steps, which the policy's lr (1e-5) would not do.
     value_lr: float = 1e-2
+    # LoRA adapters through peft (0: full fine-tuning). The reference is then the base model with
+    # the adapters disabled: no second copy of the weights. lora_targets empty: every linear
+    # layer of the attention and MLP blocks (peft's "all-linear", lm_head excluded).
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # 0: 2 x lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: List[str] = field(default_factory=list)
     seed: int = 0
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # merged over the generated config

@@ -43,6 +43,7 @@ from agro_dist.storage import CheckpointWriteError, Storage, atomic_write, commi
 from .batching import MicroBatch, Prefixed, check_groups, collate, has_behaviour_logprobs, split_by_tokens, split_to_count  # noqa: E402
 from .config import PACKINGS, LearnerConfig  # noqa: E402,F401  (re-exported: agro_dist.learner.learner.LearnerConfig)
 from .logprobs import chunked_logprobs, module_chunked_logprobs, token_kl, token_kl_metric  # noqa: E402
+from . import lora  # noqa: E402
 
 log = logging.getLogger("agro_dist.learner")
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -140,6 +141,16 @@ def response_hidden(model: torch.nn.Module, mb: MicroBatch, device: torch.device
     return out.last_hidden_state[:, :-1][mb.resp_mask.to(device)]  # position j predicts token j + 1
 
 
+def _check_lora(cfg: LearnerConfig, ref_path: str, model_path: str) -> None:
+    if cfg.lora_rank < 0:
+        raise ValueError(f"lora_rank must be >= 0 (0: full fine-tuning), got {cfg.lora_rank}")
+    if ref_path != model_path:
+        raise ValueError("with lora_rank > 0 the reference is the base model with the adapters disabled: ref_model must be unset "
+                         f"(or the model itself), got {cfg.ref_model}")
+    if cfg.zero_stage == 3:
+        raise ValueError("lora_rank > 0 with zero_stage 3 is not supported here (the adapters are a few MB: use zero_stage 0-2)")
+
+
 def lr_at(cfg: LearnerConfig, step: int) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then constant or cosine."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -202,10 +213,18 @@ class Learner:
         model.config.use_cache = False
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.ref = AutoModelForCausalLM.from_pretrained(ref_path, dtype=dtype)
-        self.ref.config.use_cache = False
-        self.ref.eval().requires_grad_(False)
         self.pad_id = int(model.config.pad_token_id or 0)
+        if cfg.lora_rank:
+            _check_lora(cfg, ref_path, model_path)
+            # The reference is the base model with the adapters disabled: no second copy.
+            model = lora.wrap(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
+            if cfg.gradient_checkpointing:
+                model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+            self.ref = None
+        else:
+            self.ref = AutoModelForCausalLM.from_pretrained(ref_path, dtype=dtype)
+            self.ref.config.use_cache = False
+            self.ref.eval().requires_grad_(False)
         ds_config = self._ds_config()
         params = [p for p in model.parameters() if p.requires_grad]
         kw = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
@@ -221,7 +240,7 @@ class Learner:
         else:
             opt = torch.optim.AdamW(params, **kw)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=params, config=ds_config)
-        if self.engine.device.type == "cuda":
+        if self.engine.device.type == "cuda" and self.ref is not None:
             self.ref.to(self.engine.device)
         self.value_head, self.value_opt = self._make_value_head(model.config.hidden_size)
         self.version = 0  # optimizer steps applied = the policy version it publishes
@@ -297,6 +316,10 @@ class Learner:
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
+    def _ref_head(self) -> torch.nn.Module:
+        """The reference's output layer: its own, or (LoRA) the policy's, which no adapter changes."""
+        return (self.ref if self.ref is not None else self.module).get_output_embeddings()
+
     def _logprobs(self, model, mb: MicroBatch, *, entropy: bool = False):
         """Per-token log-probs [R, L-1] (0 off the response), the entropy at response positions and
         the hidden states at them ([N, H], ``response_hidden``)."""
@@ -325,7 +348,11 @@ class Learner:
             out = torch.zeros(mb.resp_mask.shape, dtype=torch.float32)
             out[mb.resp_mask] = torch.cat(rows)
             return out, None
-        full, _, h = self._logprobs(self.ref, mb)
+        if self.ref is not None:
+            full, _, h = self._logprobs(self.ref, mb)
+        else:
+            with lora.adapters_off(self.module):
+                full, _, h = self._logprobs(self.module, mb)
         full = full.float().cpu()
         r = 0
         for g in groups:
@@ -391,7 +418,7 @@ class Learner:
             kl = None
             if self.need_token_kl:
                 W = self.module.get_output_embeddings().weight
-                kl = token_kl(h, W, ref_h, self.ref.get_output_embeddings().weight, chunk=cfg.logprob_chunk, temperature=self.temperature)
+                kl = token_kl(h, W, ref_h, self._ref_head().weight, chunk=cfg.logprob_chunk, temperature=self.temperature)
                 opts["token_kl"] = torch.zeros(mask.shape, dtype=kl.dtype, device=dev).masked_scatter(mask, kl)
             if self.value_head is not None:
                 opts["values"] = self._values(h, mask, mb.group_sizes)
@@ -399,7 +426,7 @@ class Learner:
                 opts["old_logps"] = mb.behaviour_logps.to(dev)
             if not self.need_token_kl and cfg.exact_kl:
                 kl = token_kl_metric(h.detach(), self.module.get_output_embeddings(), ref_h,
-                                     self.ref.get_output_embeddings(), chunk=cfg.logprob_chunk, temperature=self.temperature)
+                                     self._ref_head(), chunk=cfg.logprob_chunk, temperature=self.temperature)
             loss, m = self._loss(logps, ref_lp.to(dev), mask, mb, opts)
             m = dict(m)
             m["loss"] = loss.detach()  # the surrogate whose gradient is applied (the sum of the loss_* parts)
@@ -540,6 +567,8 @@ class Learner:
             copies = {id(p): one(p, may_share) for p in unique}
             return {k: copies[id(p)] for k, p in params}
 
+        if self.ref is None:  # LoRA: the base model's names, adapters merged (new tensors; ZeRO 3 is refused with LoRA)
+            return self.version, lora.merged_state_dict(self.module)
         if self.cfg.zero_stage == 3:
             with deepspeed.zero.GatheredParameters(unique, modifier_rank=None):
                 sd = copy_all(False)  # the gathered tensors are freed when the context ends
@@ -597,7 +626,11 @@ class Learner:
         if self.rank == 0 and err is None:
             try:
                 hf = os.path.join(tmp, "hf")
-                self.module.save_pretrained(hf, state_dict=sd, safe_serialization=True)
+                if self.ref is None:  # LoRA: hf/ merged (transformers and vLLM alone load it), adapter/ for peft
+                    self.module.get_base_model().save_pretrained(hf, state_dict=sd, safe_serialization=True)
+                    self.module.save_pretrained(os.path.join(tmp, "adapter"), safe_serialization=True)
+                else:
+                    self.module.save_pretrained(hf, state_dict=sd, safe_serialization=True)
                 # A folder usable on its own: the run's tokenizer and chat template, and a model card.
                 copy_tokenizer(self.model_path, hf)
                 write_model_card(hf, self._card((extra or {}).get("card")))
