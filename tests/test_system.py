@@ -387,6 +387,28 @@ def test_a_stopped_run_checkpoints_exits_5_and_resumes(head, tiny_vllm_model, tm
     assert [int(r["step"]) for r in _rows(run / "train.csv")] == list(range(1, steps[-1] + 3))
 
 
+def test_lora_trains_through_the_driver_on_policy_and_resumes(head, tiny_vllm_model, tmp_path):
+    """learner.lora_rank: the generators sample the published (merged) policy, so the sync run stays
+    on-policy to float32 noise; every checkpoint holds hf/ and adapter/; a resume continues the
+    adapters, and a resume with another rank is refused before start."""
+    lora = ["--learner.lora_rank", "4", "--run.eval_every", "0", "--run.checkpoint_every", "1", "--run.plots", "false"]
+    p = _train(head, _args(tiny_vllm_model, tmp_path, "lora", "--run.steps", "3", *lora))
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    run = tmp_path / "lora"
+    rows = _rows(run / "train.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(abs(float(r["behaviour_drift"])) < 1e-4 for r in rows), [r["behaviour_drift"] for r in rows]
+    ck = run / "checkpoints" / "step_00000003"
+    assert (ck / "adapter" / "adapter_config.json").exists() and (ck / "hf" / "model.safetensors").exists()
+    q = _train(head, _args(tiny_vllm_model, tmp_path, "lora", "--run.steps", "5", "--run.resume", "true", *lora))
+    assert q.returncode == 0, q.stdout[-4000:] + q.stderr[-4000:]
+    rows = _rows(run / "train.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert all(abs(float(r["behaviour_drift"])) < 1e-4 for r in rows[3:])
+    q = _train(head, _args(tiny_vllm_model, tmp_path, "lora", "--run.steps", "6", "--run.resume", "true", *lora[:1], "8"), timeout=120)
+    assert q.returncode == 2 and "learner.lora_rank=8 (saved: 4)" in q.stderr, q.stderr[-2000:]
+
+
 def test_offline_trains_from_a_file_written_by_data_sample_with_no_generator(head, tiny_vllm_model, tmp_path):
     # The paper's offline setting: samples of pi_ref, written once, trained on for several epochs (issue 10).
     data = tmp_path / "pi_ref.jsonl"
