@@ -218,14 +218,18 @@ class Generator:
         """Swap the engine's weights in place; later groups carry ``version``. Returns seconds.
 
         ``weights``: a state dict with Hugging Face names (the learner's ``publish()``; packed by
-        ``agro_dist.weights`` when it came through the object store), or a folder / ``.safetensors`` file."""
-        from agro_dist.weights import is_packed, unpack
+        ``agro_dist.weights`` when it came through the object store), LoRA adapters (``learner.lora_rank``:
+        merged here over the base model this engine loaded, read again from its safetensors), or a
+        folder / ``.safetensors`` file."""
+        from agro_dist.weights import is_adapters, is_packed, merge_adapters, unpack
 
         t = time.perf_counter()
         if is_packed(weights):  # the learner actor's publish: tensors over the object store's memory
             weights = unpack(weights)
         if isinstance(weights, str):
             weights = _read_safetensors(weights)
+        elif is_adapters(weights):
+            weights = merge_adapters(_read_safetensors(self.model_path), weights)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.version = int(version)

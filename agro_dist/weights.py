@@ -59,3 +59,33 @@ def unpack(packed: Mapping[str, Any]) -> Dict[str, Any]:
                 made[id(arr)] = torch.from_numpy(arr).view(getattr(torch, dtype)).reshape(shape)
             out[name] = made[id(arr)]
     return out
+
+
+LORA_SUFFIXES = (".lora_A", ".lora_B", ".lora_scale")
+
+
+def is_adapters(weights: Mapping[str, Any]) -> bool:
+    """Whether a (unpacked) publish holds LoRA adapters (``learner.lora.publish_payload``), not weights."""
+    return any(k.endswith(".lora_A") for k in weights)
+
+
+def merge_adapters(base: Mapping[str, Any], adapters: Mapping[str, Any]) -> Dict[str, Any]:
+    """The policy's weights from the base model's and a LoRA publish: for each adapted module ``m``,
+    ``m.weight = base + (lora_B @ lora_A) * lora_scale``, as peft's ``get_delta_weight`` computes it
+    (in float32, whatever the base file's dtype: a bfloat16 file must not round the delta away; the
+    engine casts on load); every other tensor is the base's, unchanged. A name the base
+    lacks is an error (the generator's model is not the learner's base)."""
+    import torch
+
+    out = dict(base)
+    modules = sorted({k[: -len(".lora_A")] for k in adapters if k.endswith(".lora_A")})
+    for m in modules:
+        key = m + ".weight"
+        if key not in base:
+            raise KeyError(f"LoRA adapter for {m!r}, but the generator's base model has no {key!r}: "
+                           "the generators must load the learner's base model")
+        w = base[key]
+        A, B = adapters[m + ".lora_A"].float(), adapters[m + ".lora_B"].float()
+        delta = (B @ A) * float(adapters[m + ".lora_scale"])
+        out[key] = w.float() + delta
+    return out

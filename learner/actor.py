@@ -91,7 +91,7 @@ class LearnerWorker:
         from agro_dist.weights import pack
 
         t = time.perf_counter()
-        version, sd = self.learner.publish(copy=False)
+        version, sd = self.learner.publish(copy=False, adapters=True)  # LoRA: the adapters alone
         ref = ray.put(pack(sd))
         del sd  # the parameters themselves (ZeRO 0): the store holds its own copy now
         return version, ref, time.perf_counter() - t

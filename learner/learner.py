@@ -536,8 +536,12 @@ class Learner:
 
     # ------------------------------------------------------------------ weights out
 
-    def publish(self, copy: bool = True) -> Tuple[int, Dict[str, torch.Tensor]]:
+    def publish(self, copy: bool = True, adapters: bool = False) -> Tuple[int, Dict[str, torch.Tensor]]:
         """(version, a state dict of CPU tensors that share no memory with the engine).
+
+        With LoRA the state dict has the adapters merged in (new tensors), or, ``adapters=True``
+        (what the Ray actor sends the generators), only the adapters (``lora.publish_payload``:
+        megabytes; each generator merges them over the base model it loaded).
 
         A copy, not ``detach()``: under ZeRO 1-2 the parameters are views into flat buffers, and a
         view kept in Ray's object store pins (and copies) the whole buffer. Under ZeRO 3 the
@@ -567,8 +571,8 @@ class Learner:
             copies = {id(p): one(p, may_share) for p in unique}
             return {k: copies[id(p)] for k, p in params}
 
-        if self.ref is None:  # LoRA: the base model's names, adapters merged (new tensors; ZeRO 3 is refused with LoRA)
-            return self.version, lora.merged_state_dict(self.module)
+        if self.ref is None:  # LoRA (ZeRO 3 is refused with it): new tensors either way
+            return self.version, (lora.publish_payload(self.module) if adapters else lora.merged_state_dict(self.module))
         if self.cfg.zero_stage == 3:
             with deepspeed.zero.GatheredParameters(unique, modifier_rank=None):
                 sd = copy_all(False)  # the gathered tensors are freed when the context ends

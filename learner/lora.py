@@ -75,3 +75,32 @@ def adapter_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+
+
+@torch.no_grad()
+def publish_payload(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """What a publish sends the generators: per adapted layer, under the base model's module name
+    ``m``, ``m.lora_A`` [r, in], ``m.lora_B`` [out, r] and ``m.lora_scale`` (a 0-d tensor), from
+    which ``agro_dist.weights.merge_adapters`` rebuilds ``W + scale * B @ A`` over the base
+    weights the generator already has on disk (megabytes instead of the model).
+
+    Layers whose delta is not a plain ``B @ A`` (DoRA, GPT-2's transposed Conv1D) cannot be rebuilt
+    that way: then the merged weights are sent whole (``merged_state_dict``)."""
+    from peft.tuners.lora import LoraLayer
+
+    out: Dict[str, torch.Tensor] = {}
+    for mname, module in model.named_modules():
+        if not (isinstance(module, LoraLayer) and hasattr(module, "base_layer")):
+            continue
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            plain = (not getattr(module, "fan_in_fan_out", False) and not module.use_dora.get(adapter, False)
+                     and isinstance(module.lora_A[adapter], torch.nn.Linear) and len(module.active_adapters) == 1)
+            if not plain:
+                return merged_state_dict(model)
+            name = _hf_name(mname)
+            out[name + ".lora_A"] = module.lora_A[adapter].weight.detach().to("cpu", copy=True)
+            out[name + ".lora_B"] = module.lora_B[adapter].weight.detach().to("cpu", copy=True)
+            out[name + ".lora_scale"] = torch.tensor(float(module.scaling[adapter]))
+    return out

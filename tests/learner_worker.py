@@ -1,7 +1,7 @@
 """A learner process for the multi-rank and crash tests (run directly or under torchrun).
 
     python tests/learner_worker.py MODEL OUT --steps 4 [--zero 2] [--checkpoint-at 2]
-        [--kill-after 3] [--resume] [--ckpt URI] [--kill-in-upload 4] [--micro-groups 1] [--micro-tokens 0] [--batch-groups 4]
+        [--kill-after 3] [--resume] [--ckpt URI] [--kill-in-upload 4] [--micro-groups 1] [--micro-tokens 0] [--batch-groups 4] [--lora-rank 0]
 
 Batches are a pure function of the step number (seeded), so any process at any step sees the
 same data. After every step rank 0 writes the parameters to OUT/params_{step}.safetensors.
@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--micro-groups", type=int, default=1)
     ap.add_argument("--micro-tokens", type=int, default=0)
     ap.add_argument("--loss", default="agro_off")
+    ap.add_argument("--lora-rank", type=int, default=0)
     ap.add_argument("--checkpoint-at", type=int, nargs="+", default=[])
     ap.add_argument("--ckpt", default=None, help="checkpoint root (a folder or a storage URI); default OUT/ckpt")
     ap.add_argument("--kill-in-upload", type=int, default=0, help="SIGKILL this process after 3 files of the checkpoint after this step are uploaded")
@@ -58,7 +59,7 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     torch.set_num_threads(1)  # the same reduction order in every process
     cfg = LearnerConfig(model=a.model, zero_stage=a.zero, batch_groups=a.batch_groups, micro_groups=a.micro_groups, micro_tokens=a.micro_tokens,
-                        lr=1e-2, beta=0.1, loss=a.loss, weight_decay=0.01, warmup_steps=2, lr_schedule="cosine", total_steps=8,
+                        lr=1e-2, beta=0.1, loss=a.loss, lora_rank=a.lora_rank, weight_decay=0.01, warmup_steps=2, lr_schedule="cosine", total_steps=8,
                         adam_eps=1e-4)  # bounds Adam's amplification of float noise (see test_learner.py)
     learner = Learner(cfg)
     ckpt = a.ckpt or os.path.join(a.out, "ckpt")

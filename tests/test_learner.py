@@ -537,10 +537,10 @@ def _run(args, **kw):
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, **kw)
 
 
-@pytest.mark.parametrize("zero", [0, 2])
-def test_kill_9_after_checkpoint_then_resume_is_bitwise_identical(tiny_model, tmp_path, zero):
+@pytest.mark.parametrize("zero,lora", [(0, 0), (2, 0), (2, 4)])
+def test_kill_9_after_checkpoint_then_resume_is_bitwise_identical(tiny_model, tmp_path, zero, lora):
     worker = os.path.join(HERE, "learner_worker.py")
-    common = ["--steps", "5", "--zero", str(zero), "--checkpoint-at", "2"]
+    common = ["--steps", "5", "--zero", str(zero), "--checkpoint-at", "2", "--lora-rank", str(lora)]
     full = _run([sys.executable, worker, tiny_model, str(tmp_path / "full"), *common])
     assert full.returncode == 0, full.stderr[-3000:]
     crashed = _run([sys.executable, worker, tiny_model, str(tmp_path / "crash"), *common, "--kill-after", "3"])
@@ -573,6 +573,13 @@ def _two_ranks_match_one(tiny_model, tmp_path, args, port, one_rank_args=()):
 def test_two_ranks_under_torchrun_match_one_rank(tiny_model, tmp_path):
     args = ["--steps", "3", "--zero", "2", "--batch-groups", "4", "--micro-groups", "1"]
     _two_ranks_match_one(tiny_model, tmp_path, args, 29631, one_rank_args=["--micro-groups", "2"])
+
+
+def test_two_ranks_with_lora_match_one_rank(tiny_model, tmp_path):
+    """learner.lora_rank under ZeRO 2 on 2 ranks: the adapters' gradients are all-reduced like any
+    other (the published weights, adapters merged, match one rank's)."""
+    args = ["--steps", "3", "--zero", "2", "--batch-groups", "4", "--micro-groups", "1", "--lora-rank", "4"]
+    _two_ranks_match_one(tiny_model, tmp_path, args, 29633, one_rank_args=["--micro-groups", "2"])
 
 
 def test_two_ranks_with_micro_batches_by_tokens_match_one_rank(tiny_model, tmp_path):

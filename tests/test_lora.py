@@ -51,6 +51,16 @@ def test_lora_reference_is_the_base_model_and_only_adapters_train(tiny_model, tm
     changed = [k for k in base if not torch.equal(after[k], base[k])]
     assert changed and all(k.endswith(".weight") and "proj" in k for k in changed), changed
     assert torch.equal(after["lm_head.weight"], base["lm_head.weight"]) if "lm_head.weight" in base else True
+    # What the generators get: the adapters alone, which merged over the base file are these weights exactly.
+    from agro_dist.actors.generator import _read_safetensors
+    from agro_dist.weights import is_adapters, merge_adapters
+
+    _, payload = learner.publish(adapters=True)
+    assert is_adapters(payload) and all(k.rsplit(".", 1)[1] in ("lora_A", "lora_B", "lora_scale") for k in payload)
+    lora_params = [p for n, p in learner.module.named_parameters() if ".lora_" in n]
+    assert sum(t.numel() for t in payload.values()) == sum(p.numel() for p in lora_params) + len(lora_params) // 2  # + one scale each
+    rebuilt = merge_adapters(_read_safetensors(tiny_model), payload)
+    assert set(rebuilt) == set(after) and all(torch.equal(rebuilt[k], after[k]) for k in after)
     # The merged weights are the policy: a plain model loaded with them scores as the learner does.
     plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     plain.load_state_dict(after, strict=False)
@@ -91,3 +101,18 @@ def test_lora_config_errors_before_start():
         with pytest.raises(ConfigError, match=msg):
             load(overrides=over)
     assert load(overrides={"learner.lora_rank": 16, "learner.lora_targets": ["q_proj", "v_proj"]}).learner.lora_targets == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("loss", ["agro_off", "grpo"])
+def test_lora_with_gradient_checkpointing_takes_the_same_steps(tiny_model, loss):
+    """Gradient checkpointing with LoRA: the adapters get their gradients through the recomputed
+    blocks, the same steps as without it."""
+    got = []
+    for gc in (False, True):
+        torch.manual_seed(0)  # peft's lora_A init
+        learner = make_learner(tiny_model, lora_rank=4, loss=loss, pack="rows", gradient_checkpointing=gc)
+        for step in range(1, 3):
+            learner.train_step(batch_for_step(step, 4))
+        got.append(learner.publish(adapters=True)[1])
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in got[1].items() if k.endswith("lora_B"))  # the adapters moved
+    assert all(torch.allclose(got[0][k], got[1][k], atol=1e-6) for k in got[0])
