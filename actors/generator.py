@@ -24,7 +24,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is imported
 # Start-up noise a user cannot act on, kept out of the run's log (a worker's lines reach the
@@ -90,6 +90,27 @@ def _read_safetensors(path: str) -> Dict[str, "torch.Tensor"]:
     if "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     return sd
+
+
+def _iter_safetensors(path: str) -> Iterator[Tuple[str, "torch.Tensor"]]:
+    """``_read_safetensors``'s tensors read one at a time (memory-mapped: one tensor in memory at a
+    time, for the LoRA merge over the base model at every publish)."""
+    from safetensors import safe_open
+
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {path}")
+    names = set()
+    for f in files:
+        with safe_open(f, framework="pt") as fh:
+            for name in fh.keys():
+                names.add(name)
+                yield name, fh.get_tensor(name)
+    if "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
+        for f in files:
+            with safe_open(f, framework="pt") as fh:
+                if "model.embed_tokens.weight" in fh.keys():
+                    yield "lm_head.weight", fh.get_tensor("model.embed_tokens.weight")
 
 
 class Generator:
@@ -228,9 +249,11 @@ class Generator:
             weights = unpack(weights)
         if isinstance(weights, str):
             weights = _read_safetensors(weights)
-        elif is_adapters(weights):
-            weights = merge_adapters(_read_safetensors(self.model_path), weights)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()), "is_checkpoint_format": True})
+        if is_adapters(weights):  # merged one tensor at a time over the base file (page cache), not a copy of the model
+            pairs = merge_adapters(_iter_safetensors(self.model_path), weights)
+        else:
+            pairs = iter(weights.items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.version = int(version)
         dt = time.perf_counter() - t

@@ -15,7 +15,7 @@ take that path, and the driver never imports torch.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Iterable, Iterator, Mapping, Tuple
 
 MARK = "__agro_weights__"  # the key that says a dict is a packed state dict
 
@@ -69,23 +69,23 @@ def is_adapters(weights: Mapping[str, Any]) -> bool:
     return any(k.endswith(".lora_A") for k in weights)
 
 
-def merge_adapters(base: Mapping[str, Any], adapters: Mapping[str, Any]) -> Dict[str, Any]:
-    """The policy's weights from the base model's and a LoRA publish: for each adapted module ``m``,
-    ``m.weight = base + (lora_B @ lora_A) * lora_scale``, as peft's ``get_delta_weight`` computes it
-    (in float32, whatever the base file's dtype: a bfloat16 file must not round the delta away; the
-    engine casts on load); every other tensor is the base's, unchanged. A name the base
-    lacks is an error (the generator's model is not the learner's base)."""
-    import torch
-
-    out = dict(base)
-    modules = sorted({k[: -len(".lora_A")] for k in adapters if k.endswith(".lora_A")})
-    for m in modules:
-        key = m + ".weight"
-        if key not in base:
-            raise KeyError(f"LoRA adapter for {m!r}, but the generator's base model has no {key!r}: "
-                           "the generators must load the learner's base model")
-        w = base[key]
-        A, B = adapters[m + ".lora_A"].float(), adapters[m + ".lora_B"].float()
-        delta = (B @ A) * float(adapters[m + ".lora_scale"])
-        out[key] = w.float() + delta
-    return out
+def merge_adapters(base: Iterable[Tuple[str, Any]], adapters: Mapping[str, Any]) -> Iterator[Tuple[str, Any]]:
+    """The policy's weights, one ``(name, tensor)`` at a time, from the base model's (an iterator:
+    ``(name, tensor)`` pairs read lazily, so that one tensor at a time is in memory) and a LoRA
+    publish: for each adapted module ``m``, ``m.weight = base + (lora_B @ lora_A) * lora_scale``, as
+    peft's ``get_delta_weight`` computes it, in float32 whatever the base file's dtype (a bfloat16
+    file must not round the delta away; the engine casts on load); every other tensor is the
+    base's, unchanged. An adapter whose weight the base lacks is an error (the generators must load
+    the learner's base model)."""
+    modules = {k[: -len(".lora_A")] for k in adapters if k.endswith(".lora_A")}
+    merged = set()
+    for name, w in base:
+        m = name[: -len(".weight")] if name.endswith(".weight") else None
+        if m in modules:
+            A, B = adapters[m + ".lora_A"].float(), adapters[m + ".lora_B"].float()
+            w = w.float() + (B @ A) * float(adapters[m + ".lora_scale"])
+            merged.add(m)
+        yield name, w
+    if merged != modules:
+        raise KeyError(f"LoRA adapters for {sorted(modules - merged)[:3]}..., whose weights the generator's base model lacks: "
+                       "the generators must load the learner's base model")
