@@ -39,7 +39,7 @@ def model_card(*, base_model: str, loss: str, beta: float, steps: int, samples: 
                loss_options: Optional[Dict[str, Any]] = None, lr: Optional[float] = None, task: Optional[str] = None,
                task_path: Optional[str] = None, task_options: Optional[Dict[str, Any]] = None, mode: Optional[str] = None,
                replay_prob: Optional[Union[float, str]] = None, reward_fn: Optional[str] = None, before: Optional[Dict[str, float]] = None,
-               after: Optional[Dict[str, float]] = None, **_ignored: Any) -> str:
+               after: Optional[Dict[str, float]] = None, lora: Optional[Dict[str, Any]] = None, **_ignored: Any) -> str:
     """A Hugging Face model card (YAML front matter + markdown) for a checkpoint."""
     base = DEFAULT_BASE if base_model in ("default", "smollm2-135m-instruct") else base_model
     opts = f" {loss_options}" if loss_options else ""
@@ -65,6 +65,10 @@ def model_card(*, base_model: str, loss: str, beta: float, steps: int, samples: 
            else f", replay ratio {replay_prob}" if replay_prob else ""),
         f"- **Data:** {data}" + (f"; reward `{reward_fn}`" if reward_fn else ""),
     ]
+    if lora:
+        targets = ", ".join(lora.get("targets") or []) or "every linear layer but the output head"
+        lines.append(f"- **LoRA:** rank {lora['rank']}, alpha {lora['alpha']:g} on {targets}; merged into these weights "
+                     "(a full model). The adapters alone are in `../adapter/` (`peft.PeftModel.from_pretrained(base, folder)`).")
     if after or before:
         ref = after or before
         lines += ["", f"Held-out accuracy ({int(ref.get('eval_problems', 0))} problems; sampled at the training temperature):", "",

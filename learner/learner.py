@@ -620,7 +620,8 @@ class Learner:
         if not self._all_ok(err is None):
             return self._checkpoint_failed(root, name, tmp, remote, err)
         try:
-            self.engine.save_checkpoint(tmp, tag="ds", save_latest=False)
+            # LoRA: the frozen base is not saved again (it is the model folder, and hf/ holds the merge).
+            self.engine.save_checkpoint(tmp, tag="ds", save_latest=False, exclude_frozen_parameters=self.ref is None)
             torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
             if self.value_head is not None and self.rank == 0:  # the same on every rank
                 torch.save({"head": self.value_head.state_dict(), "opt": self.value_opt.state_dict()}, os.path.join(tmp, "value_head.pt"))
@@ -705,7 +706,8 @@ class Learner:
 
     def _card(self, card: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         c = self.cfg
-        return dict(dict(base_model=c.model, loss=c.loss, loss_options=c.loss_options, beta=c.beta, lr=c.lr, steps=self.version),
+        lora_card = dict(rank=c.lora_rank, alpha=c.lora_alpha or 2 * c.lora_rank, targets=list(c.lora_targets or [])) if c.lora_rank else None
+        return dict(dict(base_model=c.model, loss=c.loss, loss_options=c.loss_options, beta=c.beta, lr=c.lr, steps=self.version, lora=lora_card),
                     **(card or {}))
 
     def update_model_card(self, root: str, card: Dict[str, Any]) -> Optional[str]:
@@ -751,7 +753,8 @@ class Learner:
             meta = json.load(f)
         if meta["world_size"] != self.world:
             raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {self.world}")
-        load_path, _ = self.engine.load_checkpoint(path, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=False)
+        load_path, _ = self.engine.load_checkpoint(path, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=False,
+                                                   load_module_strict=self.ref is not None)  # LoRA: the adapters alone were saved
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {path}/ds")
         _set_rng_state(_load_rng(os.path.join(path, f"rng_rank{self.rank}.pt")))

@@ -73,6 +73,12 @@ def test_lora_reference_is_the_base_model_and_only_adapters_train(tiny_model, tm
     assert torch.allclose(mine[mb.resp_mask], lp, atol=1e-5)
     # A checkpoint: hf/ loads with transformers alone (merged), adapter/ with peft over the base.
     path = learner.save_checkpoint(str(tmp_path / "ck"))
+    # DeepSpeed's part holds the adapters (the frozen base is the model folder; hf/ the merge), and
+    # the tied output head, which DeepSpeed's exclude_frozen_parameters keeps (an alias, not in named_parameters).
+    module = torch.load(os.path.join(path, "ds", "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    assert module and all(".lora_" in k or k.endswith("lm_head.weight") for k in module), [k for k in module if ".lora_" not in k][:3]
+    card = open(os.path.join(path, "hf", "README.md")).read()
+    assert "**LoRA:** rank 4, alpha 8" in card and "../adapter/" in card
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(path, "hf"), dtype=torch.float32)
     assert all(torch.equal(hf.state_dict()[k], after[k]) for k in changed)
     from peft import PeftModel
