@@ -24,7 +24,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Union
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is imported
 # Start-up noise a user cannot act on, kept out of the run's log (a worker's lines reach the
@@ -90,27 +90,6 @@ def _read_safetensors(path: str) -> Dict[str, "torch.Tensor"]:
     if "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     return sd
-
-
-def _iter_safetensors(path: str) -> Iterator[Tuple[str, "torch.Tensor"]]:
-    """``_read_safetensors``'s tensors read one at a time (memory-mapped: one tensor in memory at a
-    time, for the LoRA merge over the base model at every publish)."""
-    from safetensors import safe_open
-
-    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {path}")
-    names = set()
-    for f in files:
-        with safe_open(f, framework="pt") as fh:
-            for name in fh.keys():
-                names.add(name)
-                yield name, fh.get_tensor(name)
-    if "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
-        for f in files:
-            with safe_open(f, framework="pt") as fh:
-                if "model.embed_tokens.weight" in fh.keys():
-                    yield "lm_head.weight", fh.get_tensor("model.embed_tokens.weight")
 
 
 class Generator:
@@ -242,7 +221,7 @@ class Generator:
         ``agro_dist.weights`` when it came through the object store), LoRA adapters (``learner.lora_rank``:
         merged here over the base model this engine loaded, read again from its safetensors), or a
         folder / ``.safetensors`` file."""
-        from agro_dist.weights import is_adapters, is_packed, merge_adapters, unpack
+        from agro_dist.weights import is_adapters, is_packed, iter_safetensors, merge_adapters, unpack
 
         t = time.perf_counter()
         if is_packed(weights):  # the learner actor's publish: tensors over the object store's memory
@@ -250,7 +229,7 @@ class Generator:
         if isinstance(weights, str):
             weights = _read_safetensors(weights)
         if is_adapters(weights):  # merged one tensor at a time over the base file (page cache), not a copy of the model
-            pairs = merge_adapters(_iter_safetensors(self.model_path), weights)
+            pairs = merge_adapters(iter_safetensors(self.model_path), weights)
         else:
             pairs = iter(weights.items())
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs, "is_checkpoint_format": True})

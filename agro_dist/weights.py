@@ -89,3 +89,29 @@ def merge_adapters(base: Iterable[Tuple[str, Any]], adapters: Mapping[str, Any])
     if merged != modules:
         raise KeyError(f"LoRA adapters for {sorted(modules - merged)[:3]}..., whose weights the generator's base model lacks: "
                        "the generators must load the learner's base model")
+
+
+def iter_safetensors(path: str) -> Iterator[Tuple[str, Any]]:
+    """The tensors of a ``.safetensors`` file or a folder of them, read one at a time (memory-mapped:
+    one tensor in memory at a time; the LoRA merge over the base model at every publish), with a
+    tied output head named too (as the generator's ``_read_safetensors``: vLLM's in-place reload
+    keeps a layer's old tensor when no weight arrives for it)."""
+    import glob
+    import os
+
+    from safetensors import safe_open
+
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {path}")
+    names = set()
+    for f in files:
+        with safe_open(f, framework="pt") as fh:
+            for name in fh.keys():
+                names.add(name)
+                yield name, fh.get_tensor(name)
+    if "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
+        for f in files:
+            with safe_open(f, framework="pt") as fh:
+                if "model.embed_tokens.weight" in fh.keys():
+                    yield "lm_head.weight", fh.get_tensor("model.embed_tokens.weight")

@@ -1,6 +1,6 @@
 """Learner step time, throughput and memory on a real model: packed against padded, beside a plain PyTorch peer.
 
-    python -m agro_dist.learner.bench [--model default] [--shapes 8x4x46x3-12,1x8x150x100-400] [--steps 3] [--repeats 2]
+    python -m agro_dist.learner.bench [--model default] [--shapes 8x4x46x3-12,1x8x150x100-400] [--steps 3] [--repeats 2] [--lora 0,16]
 
 A shape ``GxNxPxR`` is G groups of N completions, P prompt and R response tokens each; ``R`` may
 be a range ``lo-hi`` (each completion's length drawn uniformly). The defaults are the default
@@ -114,7 +114,7 @@ def _worker(spec: dict) -> dict:
 
         learner = Learner(LearnerConfig(model=model, batch_groups=G, micro_groups=spec["micro"], lr=1e-6, zero_stage=spec["zero"],
                                         pack=spec["pack"], pack_tokens=spec["pack_tokens"], dtype=spec.get("dtype", "float32"),
-                                        micro_tokens=spec.get("micro_tokens", 0)))
+                                        micro_tokens=spec.get("micro_tokens", 0), lora_rank=spec.get("lora_rank", 0)))
         for i, groups in enumerate(batches):
             t = time.perf_counter()
             m = learner.train_step(groups)
@@ -133,9 +133,10 @@ def _worker(spec: dict) -> dict:
             split["profile"] = ops.table(sort_by=sort, row_limit=spec["profile"], max_name_column_width=48)
             split["profile_cpu"] = ops.table(sort_by="self_cpu_time_total", row_limit=spec["profile"], max_name_column_width=48)
         t = time.perf_counter()
-        learner.publish()
+        _, sent = learner.publish(adapters=True)  # what the generators get (LoRA: the adapters alone)
         split["publish_s"] = [time.perf_counter() - t]
-        params = sum(p.numel() for p in learner.module.parameters())
+        split["publish_mb"] = [sum(v.numel() * v.element_size() for v in {id(v): v for v in sent.values()}.values()) / 2**20]
+        params = sum(p.numel() for n, p in learner.module.named_parameters() if ".lora_" not in n)  # LoRA: the base's
     measured = batches[1:]
     resp = sum(len(c.token_ids) for b in measured for g in b for c in g.completions) / len(measured)
     padded = sum(len(g.prompt_token_ids) * g.n for b in measured for g in b) / len(measured) + resp
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
                     "0: --micro-groups; default: %(default)s)")
     ap.add_argument("--zero", type=int, default=0, help="the learner's ZeRO stage (default: %(default)s)")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch peer")
+    ap.add_argument("--lora", default="0", help="learner.lora_rank values, each with every layout; 0 = full fine-tuning (default: %(default)s)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
     print(f"float32 matmul: {rate / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads); model {a.model}; learner ZeRO {a.zero}, "
           + (f"micro-batches of up to {a.micro_tokens} tokens\n" if a.micro_tokens else f"micro-batches of {a.micro_groups} groups where G allows\n"))
     hdr = (f"{'shape GxNxPxR':17} {'implementation':26} {'s/step':>7} {'tokens/s':>8} {'floor(comp)':>11} {'floor(dist)':>11} "
-           f"{'peak RSS MB':>11} {'vs ' + a.packs.split(',')[0]:>9}   split: ref / policy / optimizer / publish (s)")
+           f"{'peak RSS MB':>11} {'vs ' + a.packs.split(',')[0]:>9}   split: ref / policy / optimizer / publish (s) (MB published)")
     print(hdr)
     print("-" * len(hdr))
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -179,12 +181,15 @@ def main(argv=None) -> int:
         G = parse_shape(shape)[0]
         micro = a.micro_groups if G % a.micro_groups == 0 else 1
         packs = a.packs.split(",")
-        names = {p: f"agro_dist {p}" + (f" ({a.pack_tokens})" if p == "rows" else "") for p in packs}
-        runs = ([("plain", "none", "plain PyTorch (peer)")] if not a.no_plain else []) + [("learner", p, names[p]) for p in packs] * a.repeats
+        ranks = [int(r) for r in a.lora.split(",")]
+        names = {(p, r): f"agro_dist {p}" + (f" ({a.pack_tokens})" if p == "rows" else "") + (f" LoRA {r}" if r else "")
+                 for p in packs for r in ranks}
+        runs = ([("plain", "none", 0, "plain PyTorch (peer)")] if not a.no_plain else []) + \
+            [("learner", p, r, names[p, r]) for r in ranks for p in packs] * a.repeats
         rows = {}
-        for impl, pack, label in runs:
+        for impl, pack, rank, label in runs:
             spec = dict(model=a.model, shape=shape, steps=a.steps, impl=impl, zero=a.zero, micro=micro, pack=pack, pack_tokens=a.pack_tokens,
-                        micro_tokens=a.micro_tokens)
+                        micro_tokens=a.micro_tokens, lora_rank=rank)
             out = subprocess.run([sys.executable, "-m", "agro_dist.learner.bench", "--worker", json.dumps(spec)], capture_output=True, text=True, env=env)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode != 0 or not lines:
@@ -199,18 +204,19 @@ def main(argv=None) -> int:
                     old["split"].setdefault(k, []).extend(v)
             else:
                 rows[label] = r
-        base = statistics.median(rows[names[packs[0]]]["times"]) if names[packs[0]] in rows else float("nan")
+        first = names[packs[0], ranks[0]]
+        base = statistics.median(rows[first]["times"]) if first in rows else float("nan")
         for label, r in rows.items():
             step = statistics.median(r["times"])
             comp, dist = (6 * r["params"] * r[k] / rate / step for k in ("tokens", "distinct_tokens"))
             sp = {k: statistics.median(v) for k, v in r["split"].items()}
-            split = " / ".join(f"{sp[k]:.2f}" for k in ("ref_s", "policy_s", "optimizer_s", "publish_s")) if sp else "-"
+            split = " / ".join(f"{sp[k]:.2f}" for k in ("ref_s", "policy_s", "optimizer_s", "publish_s")) + f" ({sp['publish_mb']:.0f} MB)" if sp else "-"
             print(f"{shape:17} {label:26} {step:7.2f} {r['tokens'] / step:8.0f} {comp:10.1%} {dist:10.1%} {r['peak_rss_mb']:11.0f} "
                   f"{base / step:8.2f}x   {split}")
     print("\ntokens = tokens through the policy (prompt + response; prefix and rows: each prompt once); floor(comp) = 6 x params x those "
           "tokens / matmul rate / step time; floor(dist) = the same on the distinct tokens (each prompt once): the work that "
           "must be done. The reference forward (~1/3 more) is extra work neither floor counts. vs = the first layout's "
-          "learner's time / this time (higher is faster).")
+          "learner's time / this time (higher is faster). LoRA rows publish the adapters alone (what the generators are sent).")
     return 0
 
 

@@ -52,14 +52,14 @@ def test_lora_reference_is_the_base_model_and_only_adapters_train(tiny_model, tm
     assert changed and all(k.endswith(".weight") and "proj" in k for k in changed), changed
     assert torch.equal(after["lm_head.weight"], base["lm_head.weight"]) if "lm_head.weight" in base else True
     # What the generators get: the adapters alone, which merged over the base file are these weights exactly.
-    from agro_dist.actors.generator import _iter_safetensors
+    from agro_dist.weights import iter_safetensors
     from agro_dist.weights import is_adapters, merge_adapters
 
     _, payload = learner.publish(adapters=True)
     assert is_adapters(payload) and all(k.rsplit(".", 1)[1] in ("lora_A", "lora_B", "lora_scale") for k in payload)
     lora_params = [p for n, p in learner.module.named_parameters() if ".lora_" in n]
     assert sum(t.numel() for t in payload.values()) == sum(p.numel() for p in lora_params) + len(lora_params) // 2  # + one scale each
-    rebuilt = dict(merge_adapters(_iter_safetensors(tiny_model), payload))
+    rebuilt = dict(merge_adapters(iter_safetensors(tiny_model), payload))
     assert set(rebuilt) == set(after) and all(torch.equal(rebuilt[k], after[k]) for k in after)
     # The merged weights are the policy: a plain model loaded with them scores as the learner does.
     plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
@@ -122,3 +122,12 @@ def test_lora_with_gradient_checkpointing_takes_the_same_steps(tiny_model, loss)
         got.append(learner.publish(adapters=True)[1])
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in got[1].items() if k.endswith("lora_B"))  # the adapters moved
     assert all(torch.allclose(got[0][k], got[1][k], atol=1e-6) for k in got[0])
+
+
+def test_gpu_checks_lora_case_agrees_with_a_plain_peft_loop_on_cpu(tiny_model, capsys):
+    """learner/gpu_check.py's LoRA case (run on a device when a session has one), here on CPU."""
+    from agro_dist.learner.gpu_check import lora_correctness
+
+    lora_correctness(tiny_model)
+    out = capsys.readouterr().out
+    assert out.count(" ok") == 4 and "DIFFERS" not in out and "failed" not in out, out
