@@ -135,7 +135,8 @@ def lora_correctness(model: str, rank: int = 4) -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    batches = [synthetic_groups(4, 4, 12, (1, 16), 512, s) for s in range(2)]
+    vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
+    batches = [synthetic_groups(4, 4, 12, (1, 16), vocab, s) for s in range(2)]
     print(f"{'ZeRO':>4} {'pack':>7}  LoRA rank {rank}: max |merged weight - plain peft loop| after 2 steps; adapters merged as a generator does")
     for zero in (0, 2):
         for pack in ("prefix", "rows"):
