@@ -283,9 +283,43 @@ def _dur(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s"
 
 
+def _run_title(run_dir: str) -> str:
+    """The figure's title: the run's name, then model, task, loss, beta, mode and p from its config.yaml."""
+    name = os.path.basename(os.path.abspath(run_dir))
+    try:
+        import yaml
+
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            c = yaml.safe_load(f) or {}
+    except (OSError, ValueError, ImportError):
+        return name
+    run, gen, lrn = c.get("run") or {}, c.get("generator") or {}, c.get("learner") or {}
+    model = os.path.basename(str(c.get("model", "?")).rstrip("/"))
+    task = str(gen.get("task", "?")) + (f" {gen['task_options']}" if gen.get("task_options") else "")
+    lora = f", LoRA {lrn['lora_rank']}" if lrn.get("lora_rank") else ""
+    return (f"{name}: {model} on {task} | {lrn.get('loss', '?')}, beta {lrn.get('beta', '?')}{lora} | "
+            f"{run.get('mode', '?')} mode, p {run.get('replay_prob', 0)}")
+
+
+def run_panels(train_rows: List[Dict]) -> List[str]:
+    """The panels ``plot_run`` draws for these train.csv rows: staleness only where something was
+    stale or replayed, throughput only where it was measured."""
+    def nonzero(*keys):
+        return any(r.get(k) for r in train_rows for k in keys)
+
+    names = ["reward", "reward_minutes", "kl", "reward_vs_kl"]
+    if nonzero("fresh_staleness_mean", "fresh_staleness_max", "replay_age_mean", "replay_fraction"):
+        names.append("staleness")
+    if nonzero("generated_tokens_per_s", "trained_tokens_per_s"):
+        names.append("throughput")
+    return names
+
+
 def plot_run(run_dir: str, out: Optional[str] = None) -> str:
-    """``training.png``: reward and held-out accuracy vs samples and vs time, KL, reward vs KL,
-    staleness. Drawn from the run folder's CSVs (so it can be redrawn for any run)."""
+    """``training.png``: reward and held-out accuracy vs completions and vs minutes, KL, reward vs
+    KL, staleness and replay (only where there is some: a sync run at p = 0 has none), throughput.
+    Drawn from the run folder's CSVs (so it can be redrawn for any run); titled with the run's
+    model, task, loss, beta, mode and p."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,7 +328,6 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> str:
     tr = read_csv(os.path.join(run_dir, "train.csv"))
     ev = read_csv(os.path.join(run_dir, "eval.csv"))
     out = out or os.path.join(run_dir, "training.png")
-    fig, ax = plt.subplots(2, 3, figsize=(15, 8))
 
     def col(rows, k):
         xs = [r for r in rows if k in r]
@@ -302,8 +335,8 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> str:
 
     # Against what the data cost (completions generated) where generators ran, else what was trained (offline).
     xs0 = ("generated_samples", "completions generated") if any(r.get("generated_samples") for r in tr) else ("samples", "completions trained")
-    for j, (xk, xlabel, scale) in enumerate(((*xs0, 1.0), ("elapsed_s", "minutes", 1 / 60))):
-        a = ax[0, j]
+
+    def reward_panel(a, xk, xlabel, scale):
         rows, ys = col(tr, "reward_mean")
         a.plot([r[xk] * scale for r in rows], ys, ".", alpha=0.35, color="C0", label="batch reward")
         if ys:
@@ -314,42 +347,61 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> str:
             rows_e = [r for r in col(ev, k)[0] if r.get(xk) is not None]  # a resumed run's first evaluation has no count
             a.plot([r[xk] * scale for r in rows_e], [r[k] for r in rows_e], "o-", color=c, label=f"held-out {k.split('_')[0]} accuracy")
         a.set_xlabel(xlabel)
+        a.set_ylabel("reward / accuracy")
         a.set_ylim(-0.02, 1.02)
         a.set_title(f"reward and held-out accuracy vs {xlabel}")
         a.legend(fontsize=8)
-    a = ax[0, 2]
-    rows, ys = col(tr, "kl")
-    a.plot([r["step"] for r in rows], ys, "-", color="C3", label="exact (vocabulary) KL")
-    a.set_xlabel("learner step")
-    rows_lr, ys_lr = col(tr, "log_ratio")
-    a.plot([r["step"] for r in rows_lr], ys_lr, ":", color="C3", alpha=0.6, label="sampled log pi/pi_ref (on-policy estimate)")
-    a.set_title("KL(pi || pi_ref) per sequence")
-    a.legend(fontsize=8)
-    a = ax[1, 0]
-    rows, ys = col(tr, "kl")
-    a.scatter(ys, [r.get("reward_mean", float("nan")) for r in rows], c=[r["step"] for r in rows], cmap="viridis", s=12)
-    a.set_xlabel("KL(pi || pi_ref) per sequence")
-    a.set_ylabel("batch reward")
-    a.set_title("reward vs KL (colour: step)")
-    a = ax[1, 1]
-    for k, c, style in (("fresh_staleness_mean", "C4", "-"), ("fresh_staleness_max", "C5", "-"), ("replay_age_mean", "C9", ":")):
-        rows, ys = col(tr, k)
-        a.plot([r["step"] for r in rows], ys, style, color=c, label=k.replace("_", " "))
-    rows, ys = col(tr, "replay_fraction")
-    a.plot([r["step"] for r in rows], ys, "--", color="C6", label="replay fraction")
-    a.set_xlabel("learner step")
-    a.set_title("versions behind: fresh groups, replayed groups; replay fraction")
-    a.legend(fontsize=8)
-    a = ax[1, 2]
-    for k, c in (("generated_tokens_per_s", "C7"), ("trained_tokens_per_s", "C8")):
-        rows, ys = col(tr, k)
-        a.plot([r["step"] for r in rows], ys, "-", color=c, label=k.replace("_", " "))
-    a.set_xlabel("learner step")
-    a.set_title("throughput (tokens/s)")
-    a.legend(fontsize=8)
-    for a in ax.flat:
+
+    def kl_panel(a):
+        rows, ys = col(tr, "kl")
+        a.plot([r["step"] for r in rows], ys, "-", color="C3", label="exact (vocabulary) KL")
+        rows_lr, ys_lr = col(tr, "log_ratio")
+        a.plot([r["step"] for r in rows_lr], ys_lr, ":", color="C3", alpha=0.6, label="sampled log pi/pi_ref (on-policy estimate)")
+        a.set_xlabel("learner step")
+        a.set_ylabel("nats per sequence")
+        a.set_title("KL(pi || pi_ref) per sequence")
+        a.legend(fontsize=8)
+
+    def scatter_panel(a):
+        rows, ys = col(tr, "kl")
+        sc = a.scatter(ys, [r.get("reward_mean", float("nan")) for r in rows], c=[r["step"] for r in rows], cmap="viridis", s=12)
+        fig.colorbar(sc, ax=a, label="learner step")
+        a.set_xlabel("KL(pi || pi_ref) per sequence (nats)")
+        a.set_ylabel("batch reward")
+        a.set_title("reward vs KL")
+
+    def staleness_panel(a):
+        for k, c, style in (("fresh_staleness_mean", "C4", "-"), ("fresh_staleness_max", "C5", "-"), ("replay_age_mean", "C9", ":")):
+            rows, ys = col(tr, k)
+            a.plot([r["step"] for r in rows], ys, style, color=c, label=k.replace("_", " ") + " (versions)")
+        rows, ys = col(tr, "replay_fraction")
+        a.plot([r["step"] for r in rows], ys, "--", color="C6", label="replay fraction")
+        a.set_xlabel("learner step")
+        a.set_ylabel("versions behind / fraction")
+        a.set_title("staleness of fresh and replayed groups; replay fraction")
+        a.legend(fontsize=8)
+
+    def throughput_panel(a):
+        for k, c in (("generated_tokens_per_s", "C7"), ("trained_tokens_per_s", "C8")):
+            rows, ys = col(tr, k)
+            a.plot([r["step"] for r in rows], ys, "-", color=c, label=k.replace("_", " "))
+        a.set_xlabel("learner step")
+        a.set_ylabel("tokens/s")
+        a.set_title("throughput")
+        a.legend(fontsize=8)
+
+    draw = dict(reward=lambda a: reward_panel(a, *xs0, 1.0), reward_minutes=lambda a: reward_panel(a, "elapsed_s", "minutes", 1 / 60),
+                kl=kl_panel, reward_vs_kl=scatter_panel, staleness=staleness_panel, throughput=throughput_panel)
+    panels = [draw[name] for name in run_panels(tr)]
+    ncol = 3
+    nrow = (len(panels) + ncol - 1) // ncol
+    fig, ax = plt.subplots(nrow, ncol, figsize=(15, 4 * nrow), squeeze=False)
+    for a, draw in zip(ax.flat, panels):
+        draw(a)
         a.grid(alpha=0.3)
-    fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
+    for a in list(ax.flat)[len(panels):]:
+        a.set_visible(False)
+    fig.suptitle(_run_title(run_dir), fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)

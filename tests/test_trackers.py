@@ -136,3 +136,24 @@ def test_the_grafana_dashboard_in_deploy_is_the_one_the_code_makes_and_plots_eve
     for name in [*GAUGES, *EVAL_GAUGES, "agro_reward_fn_mean", "agro_staleness_bucket"]:
         assert f"ray_{name}{{" in exprs, name
     # (test_system's job test checks that a real run exports every one of them.)
+
+
+def test_the_run_plot_is_titled_with_the_setting_and_drops_panels_with_nothing_to_show(tmp_path):
+    """training.png: the title names model, task, loss, beta, mode and p; a sync run at p = 0 has no
+    staleness or replay to draw (that panel is dropped), an async run with replay keeps it."""
+    from agro_dist.monitor import _run_title, plot_run, run_panels
+
+    sync = [dict(step=s, generated_samples=32 * s, samples=32 * s, elapsed_s=10.0 * s, reward_mean=0.1 * s, kl=0.2 * s,
+                 fresh_staleness_mean=0.0, fresh_staleness_max=0.0, replay_fraction=0.0, generated_tokens_per_s=50.0) for s in range(1, 4)]
+    assert run_panels(sync) == ["reward", "reward_minutes", "kl", "reward_vs_kl", "throughput"]
+    stale = [dict(r, fresh_staleness_max=1.0, replay_fraction=0.5) for r in sync]
+    assert "staleness" in run_panels(stale)
+    run = tmp_path / "r1"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: /models/SmolLM2-135M-Instruct\nrun: {mode: async, replay_prob: 0.5}\n"
+                                     "generator: {task: gsm8k}\nlearner: {loss: agro_off, beta: 0.05, lora_rank: 16}\n")
+    with open(run / "train.csv", "w") as f:
+        f.write(",".join(stale[0]) + "\n" + "\n".join(",".join(str(v) for v in r.values()) for r in stale) + "\n")
+    (run / "eval.csv").write_text("step,generated_samples,elapsed_s,sampled_accuracy,greedy_accuracy\n0,0,0,0.1,0.2\n3,96,30,0.3,0.4\n")
+    assert _run_title(str(run)) == "r1: SmolLM2-135M-Instruct on gsm8k | agro_off, beta 0.05, LoRA 16 | async mode, p 0.5"
+    assert os.path.getsize(plot_run(str(run))) > 10_000
