@@ -2,6 +2,7 @@
 
     pip install -e ".[bench]"     # TRL, an optional extra: never needed to train
     python -m agro_dist.bench_trl [--steps 40] [--rounds 1] [--trl-generation hf,vllm] [--out runs/bench_trl]
+                                  [--lora 16 --lr 1e-4]   # both LoRA: learner.lora_rank against TRL's peft_config
 
 Per round, one after the other (each alone on the machine; the order alternates between rounds):
 agro_dist's default run (``python -m agro_dist``: sync mode, its own vLLM generator and DeepSpeed
@@ -81,12 +82,12 @@ def run_measured(cmd: List[str], log_path: str, env: Optional[Dict[str, str]] = 
 # ----------------------------------------------------------------------------------------- TRL
 
 
-def trl_config(out: str, steps: int, generation: str):
+def trl_config(out: str, steps: int, generation: str, lr: float = 1e-5):
     from trl import GRPOConfig
 
     return GRPOConfig(
         output_dir=out, use_cpu=True, bf16=False, fp16=False, seed=0, data_seed=0,
-        learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
+        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
         beta=0.05, num_generations=4, per_device_train_batch_size=16, gradient_accumulation_steps=2,
         max_completion_length=12, temperature=0.7, top_p=1.0, shuffle_dataset=False,
         max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
@@ -170,12 +171,24 @@ def trl_worker(spec: Dict[str, Any]) -> int:
 
         def _save(self, model, step):
             t = time.perf_counter()
-            model.save_pretrained(os.path.join(out, f"step_{step:05d}"), safe_serialization=True)
+            if spec.get("lora"):  # a full model with the adapters merged (new tensors: training goes on), as agro_dist's hf/
+                from agro_dist.learner.lora import merged_state_dict
+
+                model.get_base_model().save_pretrained(os.path.join(out, f"step_{step:05d}"), state_dict=merged_state_dict(model),
+                                                       safe_serialization=True)
+            else:
+                model.save_pretrained(os.path.join(out, f"step_{step:05d}"), safe_serialization=True)
             tok.save_pretrained(os.path.join(out, f"step_{step:05d}"))
             self.saving += time.perf_counter() - t
 
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=trl_config(out, steps, spec["generation"]), train_dataset=ds,
-                          processing_class=tok, callbacks=[Clock()])
+    peft_config = None
+    if spec.get("lora"):  # agro_dist's defaults: alpha = 2 x rank, no dropout, every linear layer but the output head
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=spec["lora"], lora_alpha=2 * spec["lora"], lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=trl_config(out, steps, spec["generation"], spec.get("lr", 1e-5)),
+                          train_dataset=ds, processing_class=tok, callbacks=[Clock()], peft_config=peft_config)
     trainer.train()
     with open(os.path.join(out, "steps.csv"), "w", newline="") as f:
         cols = ["step", "step_s", "elapsed_s", "completion_len", "reward", "kl"]
@@ -193,10 +206,10 @@ def _median_after(xs: List[float], skip: int = 2) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def run_agro(out: str, steps: int, eval_every: int) -> Dict[str, Any]:
+def run_agro(out: str, steps: int, eval_every: int, lora: int = 0, lr: float = 1e-5) -> Dict[str, Any]:
     name = os.path.basename(out)
     cmd = [sys.executable, "-m", "agro_dist", "--run.name", name, "--run.output_dir", os.path.dirname(out), "--run.steps", str(steps),
-           "--run.eval_every", str(eval_every), "--run.overwrite", "true"]
+           "--run.eval_every", str(eval_every), "--run.overwrite", "true", "--learner.lr", str(lr), "--learner.lora_rank", str(lora)]
     res = run_measured(cmd, out + ".log")
     if res["rc"] != 0:
         raise RuntimeError(f"agro_dist run failed (exit {res['rc']}): see {out}.log")
@@ -227,9 +240,9 @@ def read_agro(out: str, res: Dict[str, Any]) -> Dict[str, Any]:
                 split=split, config=os.path.join(out, "config.yaml"))
 
 
-def run_trl(out: str, steps: int, eval_every: int, generation: str) -> Dict[str, Any]:
+def run_trl(out: str, steps: int, eval_every: int, generation: str, lora: int = 0, lr: float = 1e-5) -> Dict[str, Any]:
     os.makedirs(out, exist_ok=True)
-    spec = dict(out=out, steps=steps, eval_every=eval_every, generation=generation)
+    spec = dict(out=out, steps=steps, eval_every=eval_every, generation=generation, lora=lora, lr=lr)
     res = run_measured([sys.executable, "-m", "agro_dist.bench_trl", "--trl-worker", json.dumps(spec)], out + ".log")
     if res["rc"] != 0:
         raise RuntimeError(f"TRL run failed (exit {res['rc']}): see {out}.log")
@@ -266,7 +279,7 @@ def _round(key: str) -> int:
 
 def report(results: Dict[str, Any]) -> None:
     runs = results["runs"]
-    systems = sorted({r["system"] for r in runs.values()}, key=lambda s: (s != "agro_dist", s))
+    systems = sorted({r["system"] for r in runs.values()}, key=lambda s: (not s.startswith("agro_dist"), s))
     by_system = {s: sorted(((_round(k), r) for k, r in runs.items() if r["system"] == s), key=lambda x: x[0]) for s in systems}
     print(f"\n{'system':16} {'round':>5} {'s/step':>7} {'gen tok/s':>9} {'peak GB':>8}   sampled accuracy at each evaluation (minutes of training)")
     for s in systems:
@@ -281,7 +294,7 @@ def report(results: Dict[str, Any]) -> None:
         ts = [time_to(r["evals"], target) for _, r in by_system[s]]
         reach[s] = statistics.median(ts) if ts and None not in ts else None
     print(f"\nmedian over rounds; time to first reach {100 * target:.1f}% sampled (the lowest final of any run), minutes of training:")
-    base = "agro_dist" if "agro_dist" in systems else None
+    base = next((s for s in systems if s.startswith("agro_dist")), None)
     for s in systems:
         line = f"  {s:16} {med[s]['step_s']:6.2f} s/step  {med[s]['gen_tok_s']:5.1f} tok/s  {med[s]['peak_gb']:5.2f} GB  "
         line += f"reached in {reach[s] / 60:.1f} min" if reach[s] is not None else "not reached in every round"
@@ -290,7 +303,7 @@ def report(results: Dict[str, Any]) -> None:
             if reach[s] and reach[base]:
                 line += f", {reach[s] / reach[base]:.2f}x faster to the target"
         print(line)
-    for rnd, r in by_system.get("agro_dist", []):
+    for rnd, r in by_system.get(base, []):
         print(f"\nagro_dist's step, round {rnd} (median s): " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r["split"].items())
               + "; evaluations (between steps) are not in the split")
 
@@ -304,6 +317,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--trl-generation", default="hf", help="comma-separated: hf (transformers' generate), vllm (colocated)")
     ap.add_argument("--out", default="runs/bench_trl")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results in --out")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank for every system (agro_dist's learner.lora_rank, TRL's peft_config; "
+                    "alpha 2 x rank, every linear layer); 0 = full fine-tuning")
+    ap.add_argument("--lr", type=float, default=1e-5, help="learning rate for every system (default: %(default)s, the default run's)")
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.trl_worker:
@@ -317,17 +333,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "results.json")
     results = json.load(open(path)) if os.path.exists(path) and not a.fresh else {"runs": {}}
-    systems = ["agro_dist"] + [f"trl-{g}" for g in a.trl_generation.split(",")]
+    tag = f"-lora{a.lora}" if a.lora else ""
+    systems = [f"agro_dist{tag}"] + [f"trl-{g}{tag}" for g in a.trl_generation.split(",")]
     for rnd in range(a.rounds):
         for s in (systems if rnd % 2 == 0 else systems[::-1]):
-            key = f"{s}-r{rnd}-s{a.steps}"
+            key = f"{s}-r{rnd}-s{a.steps}" + (f"-lr{a.lr:g}" if a.lr != 1e-5 else "")
             if key in results["runs"]:
                 continue
             print(f"{time.strftime('%H:%M:%S')} round {rnd}: {s}", flush=True)
-            if s == "agro_dist":
-                r = run_agro(os.path.join(out, f"agro-r{rnd}"), a.steps, a.eval_every)
+            if s.startswith("agro_dist"):
+                r = run_agro(os.path.join(out, f"agro{tag}-r{rnd}"), a.steps, a.eval_every, a.lora, a.lr)
             else:
-                r = run_trl(os.path.join(out, f"{s}-r{rnd}"), a.steps, a.eval_every, s.split("-", 1)[1])
+                r = run_trl(os.path.join(out, f"{s}-r{rnd}"), a.steps, a.eval_every, s.split("-")[1], a.lora, a.lr)
             r["round"] = rnd
             results["runs"][key] = dict(r, system=s)
             with open(path + ".tmp", "w") as f:
