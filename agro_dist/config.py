@@ -176,7 +176,7 @@ HELP: Dict[str, str] = {
                    "environment variables: WANDB_MODE=offline, MLFLOW_TRACKING_URI; tensorboard also accepted)",
     "run.plots": "write training.png (reward, accuracy, KL, staleness) at the end",
     # data
-    "data.path": "run.mode offline: a file of logged generations (JSONL or Parquet; format in agro_dist/data.py and the README)",
+    "data.path": "run.mode offline: a file of logged generations (JSONL or Parquet; format in docs/offline.md)",
     "data.shuffle": "offline: shuffle the groups every epoch (seeded by run.seed); false = file order",
     # buffer
     "buffer.redis_url": "use this Redis (redis://host:port/db); default: start a private one on 127.0.0.1 (never port 6379)",
