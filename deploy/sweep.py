@@ -234,6 +234,24 @@ def table(rows: List[Dict[str, Any]], metrics: Optional[List[tuple]] = None) -> 
     return "\n".join(lines)
 
 
+def coinciding(curves: Dict[str, tuple]) -> List[List[str]]:
+    """Groups of labels whose curves are identical (drawn one over the other)."""
+    groups: Dict[tuple, List[str]] = {}
+    for label, curve in curves.items():
+        groups.setdefault(curve, []).append(label)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _run_mode(folder: str) -> str:
+    try:
+        import yaml
+
+        with open(os.path.join(folder, "config.yaml")) as f:
+            return str(((yaml.safe_load(f) or {}).get("run") or {}).get("mode", "?"))
+    except (OSError, ValueError):
+        return "?"
+
+
 def curves(runs: List[Dict[str, Any]], out_dir: str, title: str) -> Optional[str]:
     """curves.png: per grid point, the mean over its seeds (eval rows and train rows aligned by index)."""
     import matplotlib
@@ -244,6 +262,8 @@ def curves(runs: List[Dict[str, Any]], out_dir: str, title: str) -> Optional[str
     labels = list(dict.fromkeys(r["label"] for r in runs))
     fig, ax = plt.subplots(2, 3, figsize=(17, 8))
     drawn, new_style = False, False
+    accuracy: Dict[str, tuple] = {}  # label -> its held-out accuracy curve, to say which lines coincide
+    modes = set()
     for i, label in enumerate(labels):
         folders = [os.path.join(out_dir, "runs", r["run"]) for r in runs if r["label"] == label]
         folders = [f for f in folders if os.path.exists(os.path.join(f, "summary.json"))]
@@ -251,6 +271,7 @@ def curves(runs: List[Dict[str, Any]], out_dir: str, title: str) -> Optional[str
             continue
         drawn = True
         c = f"C{i % 10}"
+        modes |= {_run_mode(f) for f in folders}
         ev = [read_csv(os.path.join(f, "eval.csv")) for f in folders]
         tr = [read_csv(os.path.join(f, "train.csv")) for f in folders]
         n = min(len(e) for e in ev)
@@ -262,6 +283,8 @@ def curves(runs: List[Dict[str, Any]], out_dir: str, title: str) -> Optional[str
             x = [mean_se([e[j][xk] * scale for e in ev])[0] for j in range(n)]
             ms = [mean_se([e[j].get("sampled_accuracy") for e in ev]) for j in range(n)]
             y = [m for m, _ in ms]
+            if a is ax[0, 0]:
+                accuracy[label] = (tuple(x), tuple(y))
             a.plot(x, y, "o-", color=c, label=f"{label} (n={len(folders)})")
             if len(folders) > 1:
                 a.fill_between(x, [m - (s or 0) for m, s in ms], [m + (s or 0) for m, s in ms], color=c, alpha=0.2)
@@ -285,18 +308,27 @@ def curves(runs: List[Dict[str, Any]], out_dir: str, title: str) -> Optional[str
         plt.close(fig)
         return None
     batch_reward = "batch reward, replays included (mean of 5)"
+    # Offline, the batch reward is the file's (the same data every epoch): those panels say nothing.
+    no_reward = modes == {"offline"}
     for a, xl, yl in ((ax[0, 0], "completions generated" if new_style else "completions trained", "held-out sampled accuracy"),
                       (ax[0, 1], "minutes of training", "held-out sampled accuracy"),
                       (ax[0, 2], f"KL(pi || pi_ref) per sequence (mean of {TAIL} steps to the evaluation)", "held-out sampled accuracy"),
                       (ax[1, 0], "KL(pi || pi_ref) per sequence (moving mean of 5)", batch_reward),
                       (ax[1, 1], "learner step", "held-out sampled accuracy" if new_style else batch_reward),
                       (ax[1, 2], "learner step", "KL(pi || pi_ref) per sequence")):
+        if no_reward and yl == batch_reward:
+            a.set_visible(False)
+            continue
         a.set_xlabel(xl)
         a.set_ylabel(yl)
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.suptitle(f"{title}: means over seeds (bands +- s.e.)")
-    fig.tight_layout()
+    same = coinciding(accuracy)
+    if same:  # a line drawn exactly under another is otherwise invisible
+        fig.text(0.5, 0.005, "; ".join(" and ".join(g) + " coincide (the same held-out accuracy at every evaluation)" for g in same),
+                 ha="center", fontsize=9)
+    fig.tight_layout(rect=(0, 0.02 if same else 0, 1, 1))
     path = os.path.join(out_dir, "curves.png")
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -943,3 +943,18 @@ def test_sweep_states_and_mean_se(tmp_path):
     t = sweep.by_eval(runs, str(out))
     # step 2: accuracy 0.2, 0.4 (s.e. 0.1); KL (0.5 + 1) / 2 and (0.5 + 3) / 2 (s.e. 0.5)
     assert "| loss=rloo | 10.0 +- 0.0 | 30.0 +- 10.0 |" in t and "| loss=rloo | - | 1.25 +- 0.5 |" in t, t
+
+
+def test_sweep_curves_say_which_lines_coincide_and_offline_drops_the_reward_panels(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "deploy"))
+    try:
+        import sweep
+    finally:
+        sys.path.pop(0)
+    a, b, c = ((0, 320), (0.1, 0.4)), ((0, 320), (0.1, 0.4)), ((0, 320), (0.1, 0.0))
+    assert sweep.coinciding({"agro_off": a, "rloo": b, "agro_on": c}) == [["agro_off", "rloo"]]
+    assert sweep.coinciding({"agro_off": a, "agro_on": c}) == []
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("run: {mode: offline}\n")
+    assert sweep._run_mode(str(run)) == "offline" and sweep._run_mode(str(tmp_path / "none")) == "?"
