@@ -2,7 +2,9 @@
 
     pip install -e ".[bench]"     # TRL, an optional extra: never needed to train
     python -m agro_dist.bench_trl [--steps 40] [--rounds 1] [--trl-generation hf,vllm] [--out runs/bench_trl]
+                                  [--config docs/experiments/task.yaml --seeds 0 1 2]   # a task with headroom, 3 seeds
                                   [--lora 16 --lr 1e-4]   # both LoRA: learner.lora_rank against TRL's peft_config
+    python -m agro_dist.bench_trl --report --out docs/bench_trl   # the tables and plot of committed results
 
 Per round, one after the other (each alone on the machine; the order alternates between rounds):
 agro_dist's default run (``python -m agro_dist``: sync mode, its own vLLM generator and DeepSpeed
@@ -82,14 +84,37 @@ def run_measured(cmd: List[str], log_path: str, env: Optional[Dict[str, str]] = 
 # ----------------------------------------------------------------------------------------- TRL
 
 
-def trl_config(out: str, steps: int, generation: str, lr: float = 1e-5):
+DEFAULT_SETTING = dict(task="arithmetic", task_path=None, task_options={}, n=4, temperature=0.7, top_p=1.0, max_tokens=12, lr=1e-5,
+                       beta=0.05, batch_groups=8, micro_groups=4, seed=0)  # the default run's
+
+
+def setting_of(config: Optional[str], seed: int, lr: Optional[float]) -> Dict[str, Any]:
+    """What both systems train with: the default run's, or a run config file's (``--config``)."""
+    out = dict(DEFAULT_SETTING, seed=seed)
+    if config:
+        from agro_dist.config import load
+
+        c = load(config)
+        g, lc = c.generator, c.learner
+        out.update(task=g.task, task_path=g.task_path, task_options=dict(g.task_options or {}), n=g.n, temperature=g.temperature,
+                   top_p=g.top_p, max_tokens=g.max_tokens, lr=lc.lr, beta=lc.beta, batch_groups=lc.batch_groups,
+                   micro_groups=lc.micro_groups)
+    if lr is not None:
+        out["lr"] = lr
+    return out
+
+
+def trl_config(out: str, steps: int, generation: str, setting: Optional[Dict[str, Any]] = None):
     from trl import GRPOConfig
 
+    st = dict(DEFAULT_SETTING, **(setting or {}))
     return GRPOConfig(
-        output_dir=out, use_cpu=True, bf16=False, fp16=False, seed=0, data_seed=0,
-        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
-        beta=0.05, num_generations=4, per_device_train_batch_size=16, gradient_accumulation_steps=2,
-        max_completion_length=12, temperature=0.7, top_p=1.0, shuffle_dataset=False,
+        output_dir=out, use_cpu=True, bf16=False, fp16=False, seed=st["seed"], data_seed=st["seed"],
+        learning_rate=st["lr"], lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
+        # a micro-batch of micro_groups prompts x n, batch_groups prompts per optimizer step: as our learner
+        beta=st["beta"], num_generations=st["n"], per_device_train_batch_size=st["micro_groups"] * st["n"],
+        gradient_accumulation_steps=st["batch_groups"] // st["micro_groups"],
+        max_completion_length=st["max_tokens"], temperature=st["temperature"], top_p=st["top_p"], shuffle_dataset=False,
         max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
         use_vllm=generation == "vllm", vllm_mode="colocate", vllm_max_model_length=1024,
     )
@@ -130,14 +155,15 @@ def trl_worker(spec: Dict[str, Any]) -> int:
 
     if spec["generation"] == "vllm":
         _patch_trl_vllm_sync()
-    torch.manual_seed(0)
+    st = dict(DEFAULT_SETTING, **spec.get("setting", {}))
+    torch.manual_seed(st["seed"])
     out, steps, every = spec["out"], spec["steps"], spec["eval_every"]
     model = resolve_model("default")
     tok = AutoTokenizer.from_pretrained(model)
-    task = load_task("arithmetic", None)
+    task = load_task(st["task"], st["task_path"], **st["task_options"])
     reward_fn = resolve_reward_fn(task.reward_fn)
-    stream = task.train(seed=0)  # the default run's generator draws from this stream, 8 prompts per step
-    problems = [next(stream) for _ in range(8 * steps)]
+    stream = task.train(seed=st["seed"])  # agro_dist's generator draws from this stream, batch_groups prompts per step
+    problems = [next(stream) for _ in range(st["batch_groups"] * steps)]
     ds = Dataset.from_list([dict(prompt=task.prompt(tok, p), answer=p.answer) for p in problems])
 
     def reward(completions, answer, **_):
@@ -187,7 +213,7 @@ def trl_worker(spec: Dict[str, Any]) -> int:
 
         peft_config = LoraConfig(r=spec["lora"], lora_alpha=2 * spec["lora"], lora_dropout=0.0, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=trl_config(out, steps, spec["generation"], spec.get("lr", 1e-5)),
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=trl_config(out, steps, spec["generation"], st),
                           train_dataset=ds, processing_class=tok, callbacks=[Clock()], peft_config=peft_config)
     trainer.train()
     with open(os.path.join(out, "steps.csv"), "w", newline="") as f:
@@ -206,10 +232,13 @@ def _median_after(xs: List[float], skip: int = 2) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def run_agro(out: str, steps: int, eval_every: int, lora: int = 0, lr: float = 1e-5) -> Dict[str, Any]:
+def run_agro(out: str, steps: int, eval_every: int, lora: int = 0, setting: Optional[Dict[str, Any]] = None,
+             config: Optional[str] = None) -> Dict[str, Any]:
+    st = dict(DEFAULT_SETTING, **(setting or {}))
     name = os.path.basename(out)
-    cmd = [sys.executable, "-m", "agro_dist", "--run.name", name, "--run.output_dir", os.path.dirname(out), "--run.steps", str(steps),
-           "--run.eval_every", str(eval_every), "--run.overwrite", "true", "--learner.lr", str(lr), "--learner.lora_rank", str(lora)]
+    cmd = [sys.executable, "-m", "agro_dist"] + (["--config", config] if config else []) + [
+        "--run.name", name, "--run.output_dir", os.path.dirname(out), "--run.steps", str(steps), "--run.seed", str(st["seed"]),
+        "--run.eval_every", str(eval_every), "--run.overwrite", "true", "--learner.lr", str(st["lr"]), "--learner.lora_rank", str(lora)]
     res = run_measured(cmd, out + ".log")
     if res["rc"] != 0:
         raise RuntimeError(f"agro_dist run failed (exit {res['rc']}): see {out}.log")
@@ -234,15 +263,19 @@ def read_agro(out: str, res: Dict[str, Any]) -> Dict[str, Any]:
     first = next((e for e in evals if int(e["step"]) == 0), None)
     before = float(first.get("eval_s") or 0.0) if first else 0.0
     step_end = {int(r["step"]): float(r["elapsed_s"]) - before for r in train}
+    kl = [float(r["kl"]) for r in train if r.get("kl") not in (None, "")]
     return dict(res, step_s=_median_after(step_s), gen_tok_s=_median_after([t / s for t, s in zip(comp_tok, step_s)]),
+                kl_end=statistics.mean(kl[-5:]) if kl else None,
                 evals=[dict(step=int(e["step"]), elapsed_s=step_end.get(int(e["step"]), 0.0), recorded_s=float(e["elapsed_s"]),
                             sampled=float(e["sampled_accuracy"]), greedy=float(e["greedy_accuracy"])) for e in evals],
                 split=split, config=os.path.join(out, "config.yaml"))
 
 
-def run_trl(out: str, steps: int, eval_every: int, generation: str, lora: int = 0, lr: float = 1e-5) -> Dict[str, Any]:
+def run_trl(out: str, steps: int, eval_every: int, generation: str, lora: int = 0, setting: Optional[Dict[str, Any]] = None,
+            config: Optional[str] = None) -> Dict[str, Any]:
     os.makedirs(out, exist_ok=True)
-    spec = dict(out=out, steps=steps, eval_every=eval_every, generation=generation, lora=lora, lr=lr)
+    st = dict(DEFAULT_SETTING, **(setting or {}))
+    spec = dict(out=out, steps=steps, eval_every=eval_every, generation=generation, lora=lora, setting=st)
     res = run_measured([sys.executable, "-m", "agro_dist.bench_trl", "--trl-worker", json.dumps(spec)], out + ".log")
     if res["rc"] != 0:
         raise RuntimeError(f"TRL run failed (exit {res['rc']}): see {out}.log")
@@ -254,16 +287,20 @@ def run_trl(out: str, steps: int, eval_every: int, generation: str, lora: int = 
         folder = os.path.join(out, f"step_{step:05d}")
         j = os.path.join(out, f"eval_{step:05d}.json")
         if not os.path.exists(j):
-            # No --config: the defaults are the default run's (its command overrides only run.*).
-            r = subprocess.run([sys.executable, "-m", "agro_dist.evaluate", "--model", folder, "--out", j],
+            # Without --config the defaults are the default run's (its command overrides only run.*); with
+            # it, the evaluation agro_dist's run makes (held-out set, samples, temperature), seeded alike.
+            cfg_args = (["--config", config] if config else []) + ["--run.seed", str(st["seed"])]
+            r = subprocess.run([sys.executable, "-m", "agro_dist.evaluate", "--model", folder, "--out", j, *cfg_args],
                                capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"evaluating {folder} failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
         e = json.load(open(j))
         evals.append(dict(step=step, elapsed_s=elapsed.get(step, 0.0), sampled=e["sampled_accuracy"], greedy=e["greedy_accuracy"]))
         shutil.rmtree(folder)  # the bench's own copy, evaluated
-    comp = [32 * float(r["completion_len"] or 0) for r in rows]
-    return dict(res, step_s=_median_after(step_s), gen_tok_s=_median_after([t / s for t, s in zip(comp, step_s)]), evals=evals)
+    comp = [st["batch_groups"] * st["n"] * float(r["completion_len"] or 0) for r in rows]
+    kl = [float(r["kl"]) for r in rows if r.get("kl") not in (None, "", "nan")]
+    return dict(res, step_s=_median_after(step_s), gen_tok_s=_median_after([t / s for t, s in zip(comp, step_s)]), evals=evals,
+                kl_end=statistics.mean(kl[-5:]) if kl else None)
 
 
 def time_to(evals: List[Dict[str, float]], target: float) -> Optional[float]:
@@ -273,39 +310,100 @@ def time_to(evals: List[Dict[str, float]], target: float) -> Optional[float]:
     return None
 
 
-def _round(key: str) -> int:
-    return int(key.rsplit("-r", 1)[1].split("-")[0])
+def mean_se(xs: List[float]):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    m = statistics.mean(xs)
+    return m, (statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else None)
 
 
-def report(results: Dict[str, Any]) -> None:
+def _pm(m, se, fmt="{:.2f}", scale=1.0) -> str:
+    if m is None:
+        return "-"
+    return fmt.format(m * scale) + (f" +- {fmt.format(se * scale)}" if se is not None else "")
+
+
+def report(results: Dict[str, Any], plot: Optional[str] = None) -> None:
+    """Per run, then per system as mean +- s.e. over its runs (seeds x rounds), then agro_dist
+    against each other system run for run: the minutes each needs to reach the other's final
+    held-out sampled accuracy."""
     runs = results["runs"]
     systems = sorted({r["system"] for r in runs.values()}, key=lambda s: (not s.startswith("agro_dist"), s))
-    by_system = {s: sorted(((_round(k), r) for k, r in runs.items() if r["system"] == s), key=lambda x: x[0]) for s in systems}
-    print(f"\n{'system':16} {'round':>5} {'s/step':>7} {'gen tok/s':>9} {'peak GB':>8}   sampled accuracy at each evaluation (minutes of training)")
+    by_system = {s: sorted((r for r in runs.values() if r["system"] == s), key=lambda r: (r.get("seed", 0), r.get("round", 0)))
+                 for s in systems}
+    print(f"\n{'system':16} {'seed':>4} {'round':>5} {'s/step':>7} {'gen tok/s':>9} {'peak GB':>8} {'KL end':>7}   "
+          "sampled accuracy at each evaluation (minutes of training)")
     for s in systems:
-        for rnd, r in by_system[s]:
+        for r in by_system[s]:
             acc = " ".join(f"{100 * e['sampled']:.1f}%({e['elapsed_s'] / 60:.1f})" for e in r["evals"])
-            print(f"{s:16} {rnd:5d} {r['step_s']:7.2f} {r['gen_tok_s']:9.1f} {r['peak_gb']:8.2f}   {acc}")
-    # The target is the lowest final any run reached, so that every run reaches it.
-    target = min(r["evals"][-1]["sampled"] for r in runs.values())
-    med = {s: {k: statistics.median(r[k] for _, r in by_system[s]) for k in ("step_s", "gen_tok_s", "peak_gb")} for s in systems}
-    reach = {}
+            kl = f"{r['kl_end']:.3f}" if r.get("kl_end") is not None else "-"
+            print(f"{s:16} {r.get('seed', 0):4d} {r.get('round', 0):5d} {r['step_s']:7.2f} {r['gen_tok_s']:9.1f} {r['peak_gb']:8.2f} {kl:>7}   {acc}")
+    print("\nmean +- s.e. over runs (KL end: agro_dist's exact KL(pi || pi_ref) per sequence; TRL's logged kl, its per-token "
+          "estimate averaged over tokens: not the same quantity)")
+    print(f"  {'system':16} {'runs':>4} {'s/step':>14} {'peak GB':>14} {'final sampled %':>16} {'final greedy %':>16} {'KL end':>16}")
     for s in systems:
-        ts = [time_to(r["evals"], target) for _, r in by_system[s]]
-        reach[s] = statistics.median(ts) if ts and None not in ts else None
-    print(f"\nmedian over rounds; time to first reach {100 * target:.1f}% sampled (the lowest final of any run), minutes of training:")
+        rs = by_system[s]
+        cells = [_pm(*mean_se([r["step_s"] for r in rs])), _pm(*mean_se([r["peak_gb"] for r in rs])),
+                 _pm(*mean_se([r["evals"][-1]["sampled"] for r in rs]), "{:.1f}", 100),
+                 _pm(*mean_se([r["evals"][-1].get("greedy") for r in rs]), "{:.1f}", 100),
+                 _pm(*mean_se([r.get("kl_end") for r in rs]), "{:.3f}")]
+        print(f"  {s:16} {len(rs):4d} " + " ".join(f"{c:>16}" for c in cells))
     base = next((s for s in systems if s.startswith("agro_dist")), None)
-    for s in systems:
-        line = f"  {s:16} {med[s]['step_s']:6.2f} s/step  {med[s]['gen_tok_s']:5.1f} tok/s  {med[s]['peak_gb']:5.2f} GB  "
-        line += f"reached in {reach[s] / 60:.1f} min" if reach[s] is not None else "not reached in every round"
-        if base and s != base:
-            line += f"   agro_dist is {med[s]['step_s'] / med[base]['step_s']:.2f}x faster per step"
-            if reach[s] and reach[base]:
-                line += f", {reach[s] / reach[base]:.2f}x faster to the target"
-        print(line)
-    for rnd, r in by_system.get(base, []):
-        print(f"\nagro_dist's step, round {rnd} (median s): " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r["split"].items())
-              + "; evaluations (between steps) are not in the split")
+    for other in [s for s in systems if s != base] if base else []:
+        pairs = [(a, b) for a in by_system[base] for b in by_system[other]
+                 if (a.get("seed", 0), a.get("round", 0)) == (b.get("seed", 0), b.get("round", 0))]
+        if not pairs:
+            continue
+        print(f"\n{base} against {other}, run for run (same seed and round), minutes of training:")
+        speed, to_target = [], []
+        for a, b in pairs:
+            ta, tb = time_to(a["evals"], b["evals"][-1]["sampled"]), time_to(b["evals"], a["evals"][-1]["sampled"])
+            speed.append(b["step_s"] / a["step_s"])
+            if ta is not None and b["evals"][-1]["elapsed_s"]:
+                to_target.append(b["evals"][-1]["elapsed_s"] / max(ta, 1e-9))
+            print(f"  seed {a.get('seed', 0)} round {a.get('round', 0)}: {base} reaches {other}'s final "
+                  f"{100 * b['evals'][-1]['sampled']:.1f}% " + (f"in {ta / 60:.1f} min" if ta is not None else "not at all")
+                  + f" ({other} took {b['evals'][-1]['elapsed_s'] / 60:.1f}); {other} reaches {base}'s final "
+                  f"{100 * a['evals'][-1]['sampled']:.1f}% " + (f"in {tb / 60:.1f} min" if tb is not None else "not at all"))
+        print(f"  {base} is {_pm(*mean_se(speed))}x faster per step"
+              + (f", {_pm(*mean_se(to_target))}x faster to {other}'s final accuracy (runs where it got there: "
+                 f"{len(to_target)} of {len(pairs)})" if to_target else f"; it did not reach {other}'s final accuracy"))
+    for r in by_system.get(base, []):
+        print(f"\n{base}'s step, seed {r.get('seed', 0)} round {r.get('round', 0)} (median s): "
+              + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r["split"].items()) + "; evaluations (between steps) are not in the split")
+    if plot:
+        plot_accuracy(by_system, plot)
+        print(f"\nplot: {plot}")
+
+
+def plot_accuracy(by_system: Dict[str, List[Dict[str, Any]]], path: str) -> None:
+    """Held-out sampled accuracy against minutes of training, each system's mean over its runs
+    (evaluations aligned by their index), with a band of +- one standard error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (s, rs) in enumerate(by_system.items()):
+        n = min(len(r["evals"]) for r in rs)
+        for a, key in zip(ax, ("sampled", "greedy")):
+            x = [statistics.mean(r["evals"][j]["elapsed_s"] / 60 for r in rs) for j in range(n)]
+            ms = [mean_se([r["evals"][j].get(key) for r in rs]) for j in range(n)]
+            if any(m is None for m, _ in ms):
+                continue
+            a.plot(x, [m for m, _ in ms], "o-", color=f"C{i}", label=f"{s} (runs: {len(rs)})")
+            a.fill_between(x, [m - (e or 0) for m, e in ms], [m + (e or 0) for m, e in ms], color=f"C{i}", alpha=0.2)
+    for a, key in zip(ax, ("sampled", "greedy")):
+        a.set_xlabel("minutes of training")
+        a.set_ylabel(f"held-out {key} accuracy")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.suptitle("agro_dist against TRL's GRPOTrainer: mean over runs (bands +- s.e.)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -313,44 +411,58 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=1, help="rounds of all systems, the order alternating")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of all systems per seed, the order alternating")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="run.seed values: prompts, sampling, initial state, evaluation (default: 0)")
+    ap.add_argument("--config", default=None, help="a run config file both systems follow (task, its options, n, temperature, "
+                    "max_tokens, lr, beta, batch), e.g. docs/experiments/task.yaml; default: the default run's")
     ap.add_argument("--trl-generation", default="hf", help="comma-separated: hf (transformers' generate), vllm (colocated)")
     ap.add_argument("--out", default="runs/bench_trl")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results in --out")
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank for every system (agro_dist's learner.lora_rank, TRL's peft_config; "
                     "alpha 2 x rank, every linear layer); 0 = full fine-tuning")
-    ap.add_argument("--lr", type=float, default=1e-5, help="learning rate for every system (default: %(default)s, the default run's)")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate for every system (default: the config's, 1e-5 for the default run)")
+    ap.add_argument("--report", action="store_true", help="run nothing: print the tables (and the plot) from --out")
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.trl_worker:
         return trl_worker(json.loads(a.trl_worker))
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        print('TRL is not installed: pip install -e ".[bench]"', file=sys.stderr)
-        return 2
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "results.json")
     results = json.load(open(path)) if os.path.exists(path) and not a.fresh else {"runs": {}}
+    if not a.report:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print('TRL is not installed: pip install -e ".[bench]"', file=sys.stderr)
+            return 2
+    config = os.path.abspath(a.config) if a.config else None
     tag = f"-lora{a.lora}" if a.lora else ""
     systems = [f"agro_dist{tag}"] + [f"trl-{g}{tag}" for g in a.trl_generation.split(",")]
-    for rnd in range(a.rounds):
-        for s in (systems if rnd % 2 == 0 else systems[::-1]):
-            key = f"{s}-r{rnd}-s{a.steps}" + (f"-lr{a.lr:g}" if a.lr != 1e-5 else "")
-            if key in results["runs"]:
-                continue
-            print(f"{time.strftime('%H:%M:%S')} round {rnd}: {s}", flush=True)
-            if s.startswith("agro_dist"):
-                r = run_agro(os.path.join(out, f"agro{tag}-r{rnd}"), a.steps, a.eval_every, a.lora, a.lr)
-            else:
-                r = run_trl(os.path.join(out, f"{s}-r{rnd}"), a.steps, a.eval_every, s.split("-")[1], a.lora, a.lr)
-            r["round"] = rnd
-            results["runs"][key] = dict(r, system=s)
-            with open(path + ".tmp", "w") as f:
-                json.dump(results, f, indent=1)
-            os.replace(path + ".tmp", path)
-    report(results)
+    for seed in ([] if a.report else a.seeds):
+        setting = setting_of(config, seed, a.lr)
+        for rnd in range(a.rounds):
+            for s in (systems if (rnd + seed) % 2 == 0 else systems[::-1]):
+                # Earlier keys stay valid: seed 0 of the default run with its learning rate adds nothing.
+                key = (f"{s}-r{rnd}-s{a.steps}" + (f"-lr{setting['lr']:g}" if setting["lr"] != 1e-5 else "")
+                       + (f"-seed{seed}" if seed else "") + (f"-{os.path.splitext(os.path.basename(config))[0]}" if config else ""))
+                if key in results["runs"]:
+                    continue
+                print(f"{time.strftime('%H:%M:%S')} seed {seed} round {rnd}: {s}", flush=True)
+                name = f"{'agro' if s.startswith('agro_dist') else s}{tag}-r{rnd}" + (f"-seed{seed}" if seed else "")
+                if s.startswith("agro_dist"):
+                    r = run_agro(os.path.join(out, name), a.steps, a.eval_every, a.lora, setting, config)
+                else:
+                    r = run_trl(os.path.join(out, name), a.steps, a.eval_every, s.split("-")[1], a.lora, setting, config)
+                r.update(round=rnd, seed=seed, setting=setting)
+                results["runs"][key] = dict(r, system=s)
+                with open(path + ".tmp", "w") as f:
+                    json.dump(results, f, indent=1)
+                os.replace(path + ".tmp", path)
+    if not results["runs"]:
+        print(f"no results in {out}", file=sys.stderr)
+        return 2
+    report(results, plot=os.path.join(out, "accuracy_vs_minutes.png"))
     return 0
 
 
