@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 log = logging.getLogger("agro_dist")
 
@@ -283,15 +283,22 @@ def _dur(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s"
 
 
-def _run_title(run_dir: str) -> str:
-    """The figure's title: the run's name, then model, task, loss, beta, mode and p from its config.yaml."""
-    name = os.path.basename(os.path.abspath(run_dir))
+def run_config(run_dir: str) -> Optional[Dict[str, Any]]:
+    """A run folder's ``config.yaml`` as plain data (None where it is missing or unreadable)."""
     try:
         import yaml
 
         with open(os.path.join(run_dir, "config.yaml")) as f:
-            c = yaml.safe_load(f) or {}
+            return yaml.safe_load(f) or {}
     except (OSError, ValueError, ImportError):
+        return None
+
+
+def _run_title(run_dir: str) -> str:
+    """The figure's title: the run's name, then model, task, loss, beta, mode and p from its config.yaml."""
+    name = os.path.basename(os.path.abspath(run_dir))
+    c = run_config(run_dir)
+    if c is None:
         return name
     run, gen, lrn = c.get("run") or {}, c.get("generator") or {}, c.get("learner") or {}
     model = os.path.basename(str(c.get("model", "?")).rstrip("/"))

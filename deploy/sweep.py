@@ -44,7 +44,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from agro_dist.monitor import read_csv
+from agro_dist.monitor import read_csv, run_config
 from agro_dist.storage import atomic_write
 
 RUN_FILES = ("train.csv", "eval.csv", "summary.json", "config.yaml")
@@ -243,13 +243,7 @@ def coinciding(curves: Dict[str, tuple]) -> List[List[str]]:
 
 
 def _run_mode(folder: str) -> str:
-    try:
-        import yaml
-
-        with open(os.path.join(folder, "config.yaml")) as f:
-            return str(((yaml.safe_load(f) or {}).get("run") or {}).get("mode", "?"))
-    except (OSError, ValueError):
-        return "?"
+    return str(((run_config(folder) or {}).get("run") or {}).get("mode", "?"))
 
 
 def curves(runs: List[Dict[str, Any]], out_dir: str, title: str) -> Optional[str]:
