@@ -18,7 +18,6 @@ Calls on one generator are sequential, so weights never change in the middle of 
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import time
@@ -71,25 +70,6 @@ class GeneratorConfig:
     dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
     kv_cache_gb: float = 0.0  # CPU backend: KV cache size; 0 = auto (see _auto_kv_cache_bytes)
     vllm: Dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments
-
-
-def _read_safetensors(path: str) -> Dict[str, "torch.Tensor"]:
-    """The tensors of a ``.safetensors`` file or a folder of them, with a tied output head named
-    too: ``save_pretrained`` leaves ``lm_head.weight`` out when it is the embedding, and vLLM's
-    in-place reload keeps a layer's old tensor when no weight arrives for it, so a folder loaded
-    after a learner's publish left the published head in place (measured: log-probs 0.56 off the
-    folder's model on the tiny test model)."""
-    from safetensors.torch import load_file
-
-    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {path}")
-    sd: Dict[str, Any] = {}
-    for f in files:
-        sd.update(load_file(f))
-    if "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    return sd
 
 
 class Generator:
@@ -226,9 +206,9 @@ class Generator:
         t = time.perf_counter()
         if is_packed(weights):  # the learner actor's publish: tensors over the object store's memory
             weights = unpack(weights)
-        if isinstance(weights, str):
-            weights = _read_safetensors(weights)
-        if is_adapters(weights):  # merged one tensor at a time over the base file (page cache), not a copy of the model
+        if isinstance(weights, str):  # a model folder or file, read one tensor at a time (memory-mapped)
+            pairs = iter_safetensors(weights)
+        elif is_adapters(weights):  # merged one tensor at a time over the base file (page cache), not a copy of the model
             pairs = merge_adapters(iter_safetensors(self.model_path), weights)
         else:
             pairs = iter(weights.items())

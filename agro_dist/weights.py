@@ -93,9 +93,12 @@ def merge_adapters(base: Iterable[Tuple[str, Any]], adapters: Mapping[str, Any])
 
 def iter_safetensors(path: str) -> Iterator[Tuple[str, Any]]:
     """The tensors of a ``.safetensors`` file or a folder of them, read one at a time (memory-mapped:
-    one tensor in memory at a time; the LoRA merge over the base model at every publish), with a
-    tied output head named too (as the generator's ``_read_safetensors``: vLLM's in-place reload
-    keeps a layer's old tensor when no weight arrives for it)."""
+    one tensor in memory at a time), for the generator's in-place reload from a folder and the LoRA
+    merge over the base model at every publish. A tied output head is named too: ``save_pretrained``
+    leaves ``lm_head.weight`` out when it is the embedding, and vLLM's in-place reload keeps a
+    layer's old tensor when no weight arrives for it, so a folder loaded after a learner's publish
+    left the published head in place (measured: log-probs 0.56 off the folder's model on the tiny
+    test model)."""
     import glob
     import os
 
