@@ -445,6 +445,37 @@ def node_addresses(actors: List[Tuple[str, Any]], timeout_s: float = 60) -> Dict
     return out
 
 
+class Placement:
+    """Which node (address) each actor runs on, as last known, and the nodes already dead when the
+    run started: what the placement line and the failure messages say. Shared by the roles."""
+
+    def __init__(self) -> None:
+        self.where: Dict[str, str] = {}
+        self.dead_at_start = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+
+    def record(self, actors: List[Tuple[str, Any]]) -> Dict[str, Optional[str]]:
+        """Asks where each of these ``(name, actor)`` runs (None for one not answering) and keeps it."""
+        where = node_addresses(actors)
+        self.where.update({k: v for k, v in where.items() if v})
+        return where
+
+    def note(self, name: str, actor: Any, where: Optional[str]) -> Optional[str]:
+        """An actor back from a restart: where it said it runs, or asked (30 s at most); kept."""
+        if not where:
+            where = node_addresses([(name, actor)], timeout_s=30)[name]
+        if where:
+            self.where[name] = where
+        return where
+
+    def dead_nodes(self) -> str:
+        """" (Ray reports node 10.0.0.3 dead)" for nodes lost since start-up, for a failure's message."""
+        try:
+            dead = [n["NodeManagerAddress"] for n in ray.nodes() if not n["Alive"] and n["NodeID"] not in self.dead_at_start]
+        except Exception:  # informative only
+            return ""
+        return f" (Ray reports node{'s' if len(dead) > 1 else ''} {', '.join(sorted(set(dead)))} dead)" if dead else ""
+
+
 def _gcs_address(actor: Any) -> Optional[str]:
     """The node address of an ALIVE actor from Ray's actor table (ray._private.state: no public
     call gives it without the dashboard); None when unknown or not alive."""
