@@ -258,6 +258,39 @@ def load_logged(path: str, tokenizer, *, reward_fn: Optional[str] = None, reward
     return groups, stats
 
 
+class LoggedBatches:
+    """Offline runs: the learner's batches from the logged groups, epoch after epoch, each a fresh
+    seeded shuffle (``shuffle``), a batch running on into the next epoch where one ends.
+    ``consumed`` (groups handed out) is what a checkpoint keeps to resume where it stopped."""
+
+    def __init__(self, groups: Sequence[Any], batch_groups: int, *, seed: int = 0, shuffle: bool = True):
+        self.groups, self.batch_groups, self.seed, self.shuffle = groups, batch_groups, seed, shuffle
+        self.consumed = 0
+        self._order: Tuple[int, List[int]] = (-1, [])
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def next(self) -> List[Any]:
+        import random
+
+        N, out = len(self.groups), []
+        for _ in range(self.batch_groups):
+            epoch, i = divmod(self.consumed, N)
+            if self._order[0] != epoch:
+                order = list(range(N))
+                if self.shuffle:
+                    random.Random(f"{self.seed}:{epoch}").shuffle(order)
+                self._order = (epoch, order)
+            out.append(self.groups[self._order[1][i]])
+            self.consumed += 1
+        return out
+
+    @property
+    def epochs_done(self) -> float:
+        return self.consumed / len(self.groups) if self.groups else 0.0
+
+
 def group_record(g: Group, rid: Optional[str] = None) -> Dict[str, Any]:
     """A group as a line of the logged-data format (exact ids and behaviour log-probs included)."""
     rec = {"id": rid or g.group_id, "prompt": g.prompt, "completions": [c.text for c in g.completions],

@@ -87,6 +87,20 @@ def model_card(*, base_model: str, loss: str, beta: float, steps: int, samples: 
     return "\n".join(lines)
 
 
+def run_facts(cfg, eval_rows: List[Dict[str, Any]], samples: int, logged_groups: int = 0) -> Dict[str, Any]:
+    """What a run's checkpoint card says about the run (the learner adds loss, beta, steps): the
+    model, the task (offline: the logged file, evaluated on the task), the mode and p, the
+    completions trained, and the held-out accuracy before and (once measured) after."""
+    g, r = cfg.generator, cfg.run
+    evals = [{k: e[k] for k in ("version", "greedy_accuracy", "sampled_accuracy", "eval_problems")} for e in eval_rows]
+    task, task_path, task_options = g.task, g.task_path, g.task_options
+    if r.mode == "offline":  # trained on a file; the task is what it is evaluated on
+        task, task_path, task_options = f"logged generations `{cfg.data.path}` ({logged_groups} groups; evaluated on {g.task})", None, {}
+    return dict(base_model=cfg.model, task=task, task_path=task_path, task_options=task_options, reward_fn=g.reward_fn, mode=r.mode,
+                replay_prob=r.replay_prob, samples=samples, before=evals[0] if evals else None,
+                after=evals[-1] if len(evals) > 1 else None)
+
+
 def write_model_card(folder: str, card: Dict[str, Any]) -> str:
     """Write (or replace, atomically) ``folder/README.md``."""
     path = os.path.join(folder, "README.md")

@@ -157,3 +157,18 @@ def test_prep_writes_gsm8k_in_verls_layout_which_the_dataset_task_reads(tmp_path
     (bad / "train.jsonl").write_text('{"question": "q", "answer": "no final answer"}\n')
     with pytest.raises(SystemExit, match=r"train.jsonl:1: field 'answer': no '#### N' final answer"):
         main(["prep", str(bad), "--preset", "gsm8k", "--out", str(tmp_path / "out")])
+
+
+def test_logged_batches_run_epoch_after_epoch_each_a_seeded_shuffle_and_resume_from_consumed():
+    from agro_dist.data import LoggedBatches
+
+    groups = list(range(10))
+    b = LoggedBatches(groups, 4, seed=3)
+    seen = [b.next() for _ in range(5)]  # 20 groups: two epochs exactly
+    assert sorted(seen[0] + seen[1] + seen[2][:2]) == groups and sorted(seen[2][2:] + seen[3] + seen[4]) == groups
+    assert seen[0] + seen[1] + seen[2][:2] != seen[2][2:] + seen[3] + seen[4]  # each epoch its own order
+    assert b.epochs_done == 2.0
+    again = LoggedBatches(groups, 4, seed=3)
+    again.consumed = 8  # a checkpoint's cursor
+    assert again.next() == seen[2] and again.next() == seen[3]
+    assert LoggedBatches(groups, 4, seed=3, shuffle=False).next() == [0, 1, 2, 3]
