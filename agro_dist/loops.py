@@ -11,7 +11,8 @@
   runs have no generators and feed the learner the logged file's groups.
 
 The driver plans each step's replayed groups (``Driver.plan_step``), so that the generators make
-only what is trained.
+only what is trained. The loops drive the roles the driver holds: ``d.pool`` (the generators),
+``d.learners`` (the ranks), ``d.evaluator``.
 
 A loop holds only what lives across its steps (calls in flight, an evaluation running); the
 driver (``agro_dist/driver.py``) does the work of a step: ``finish_step`` collects the learner's
@@ -36,8 +37,8 @@ class SyncLoop:
         # delaying them. On CPU it takes its turn between steps, as generation does: beside a
         # learner step both use every core and crawl (2-core machine, default run: the learner
         # step beside it 10 s -> 45 s, the evaluation 14 s -> 43 s).
-        self.defer_eval = d.evaluator is None and d.cfg.resources.generator_gpus > 0
-        self.eval_between = d.cfg.eval_takes_turns() if d.evaluator is not None else not self.defer_eval
+        self.defer_eval = d.evaluator.on_generator and d.cfg.resources.generator_gpus > 0
+        self.eval_between = d.cfg.eval_takes_turns() if not d.evaluator.on_generator else not self.defer_eval
         self.eval_due = False
 
     def run(self, elapsed: Callable[[], float]) -> None:
@@ -45,11 +46,11 @@ class SyncLoop:
         B = d.cfg.learner.batch_groups
         while not d.done(elapsed()):
             plan = d.plan_step()
-            d.produce_step(B - sum(plan))  # this step's fresh groups, all with the current version
+            d.pool.produce_step(B - sum(plan))  # this step's fresh groups, all with the current version
             step_refs = d.learner_step(plan)
             if self.eval_due:
                 self.pending_eval, self.eval_due = d.eval_submit(), False
-            while not d.step_over(step_refs, timeout=1.0):
+            while not d.learners.step_over(step_refs, timeout=1.0):
                 pass
             row = d.finish_step(step_refs, B * d.cfg.generator.n, elapsed)
             if row is not None:
@@ -66,11 +67,9 @@ class AsyncLoop:
         self.defer_eval, self.eval_due = False, False
         # Generator 0 evaluates between its produce calls, beside the learner as generation is;
         # an eval actor without resources of its own runs between the learner's steps.
-        self.eval_between = d.evaluator is not None and d.cfg.eval_takes_turns()
-        self.gen_refs: Dict[Any, int] = {}  # in-flight produce call -> generator index
-        k = min(d.cfg.generator.prompts_per_call, d.cfg.fresh_per_step())
-        for i, g in enumerate(d.generators):
-            self.gen_refs[g.produce.remote(groups=k)] = i
+        self.eval_between = not d.evaluator.on_generator and d.cfg.eval_takes_turns()
+        # In-flight produce call -> generator index.
+        self.gen_refs: Dict[Any, int] = d.pool.start_calls(min(d.cfg.generator.prompts_per_call, d.cfg.fresh_per_step()))
         self.max_backlog = d.cfg.run.max_backlog_groups or d.cfg.fresh_per_step()
 
     def run(self, elapsed: Callable[[], float]) -> None:
@@ -87,14 +86,14 @@ class AsyncLoop:
             # Keep the generators busy while the learner trains.
             while True:
                 ready, _ = ray.wait(list(self.gen_refs) + step_refs, num_returns=1, timeout=1.0)
-                if set(step_refs) & set(ready) and d.step_over(step_refs):
+                if set(step_refs) & set(ready) and d.learners.step_over(step_refs):
                     break
                 d.check_redis()
                 for ref in ready:
                     if ref in self.gen_refs:
-                        d.gen_outcome(self.gen_refs.pop(ref), ref)
-                if d.generators:
-                    d.refill(self.gen_refs, max(self.max_backlog, need), need)
+                        d.pool.outcome(self.gen_refs.pop(ref), ref)
+                if len(d.pool):
+                    d.pool.refill(self.gen_refs, max(self.max_backlog, need), need)
             row = d.finish_step(step_refs, completions, elapsed)
             if row is not None:
                 after_step(self, row, elapsed)
@@ -111,9 +110,9 @@ class AsyncLoop:
 def after_step(loop, row: Dict[str, Any], elapsed: Callable[[], float]) -> None:
     """Evaluations (a finished one recorded, a due one started) and the step's progress line."""
     d, r = loop.d, loop.d.cfg.run
-    if loop.pending_eval is not None and d.eval_collect(loop.pending_eval, elapsed(), wait=False) is not None:
+    if loop.pending_eval is not None and d.evaluator.collect(loop.pending_eval, elapsed(), wait=False) is not None:
         loop.pending_eval = None
-    if r.eval_every and d.step % r.eval_every == 0 and loop.pending_eval is None and not d.done(elapsed()):
+    if r.eval_every and d.progress.step % r.eval_every == 0 and loop.pending_eval is None and not d.done(elapsed()):
         if loop.defer_eval:
             loop.eval_due = True
         else:
@@ -121,7 +120,7 @@ def after_step(loop, row: Dict[str, Any], elapsed: Callable[[], float]) -> None:
             if loop.eval_between:
                 # It shares the learner's cores: run it now, between steps. Alongside a learner
                 # step both crawl (2-core CPU, offline run: steps 6.5 s -> 40 s, an eval ~4 min).
-                d.eval_collect(ev, elapsed(), wait=True, retry=False)
+                d.evaluator.collect(ev, elapsed(), wait=True, retry=False)
             else:
                 loop.pending_eval = ev
     d.log_progress(row, elapsed())

@@ -141,7 +141,7 @@ def test_a_new_run_never_lands_on_an_earlier_one(tmp_path):
             "choose another --run.name, or delete it with --run.overwrite true") in out.stderr
     assert (run / "train.csv").exists() and (run / "checkpoints" / "latest").exists()
     cfg = config.load(overrides={"run.output_dir": str(tmp_path), "run.overwrite": True})
-    from agro_dist.driver import check_run_home
+    from agro_dist.run_folder import check_run_home
 
     check_run_home(cfg)  # explicitly asked: allowed (the driver deletes it when it starts)
     check_run_home(config.load(overrides={"run.output_dir": str(tmp_path), "run.name": "other"}))
@@ -208,7 +208,7 @@ def test_overwrite_deletes_only_a_run_folder_of_that_name(tmp_path):
 def test_a_run_folder_is_recognised_by_its_marker_or_its_config(tmp_path):
     import json
 
-    from agro_dist.driver import RUN_MARKER, is_run_folder
+    from agro_dist.run_folder import RUN_MARKER, is_run_folder
     from agro_dist.storage import Storage
 
     st = Storage(str(tmp_path))
