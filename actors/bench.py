@@ -48,8 +48,8 @@ def _hf(spec):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from agro_dist.models import resolve_model
-    from agro_dist.tasks import ArithmeticTask
+    from agro_dist.io.models import resolve_model
+    from agro_dist.tasks.problems import ArithmeticTask
 
     path = resolve_model(spec["model"])
     tok = AutoTokenizer.from_pretrained(path)
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         spec = json.loads(a.worker)
         print("RESULT " + json.dumps((_vllm if spec["impl"] == "vllm" else _hf)(spec)), flush=True)
         return 0
-    from agro_dist.models import resolve_model
+    from agro_dist.io.models import resolve_model
 
     resolve_model(a.model)
     spec = dict(model=a.model, prompts=a.prompts, n=a.n, max_tokens=a.max_tokens, calls=a.calls)

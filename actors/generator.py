@@ -5,7 +5,7 @@ weights, records each sampled token's log-probability under the distribution it 
 (the behaviour log-probs: vLLM's ``processed_logprobs``, i.e. after the temperature and top-p; the
 learner scores at the same temperature, so on-policy they are the learner's own log-probs),
 scores them with the task's reward function (time-limited worker processes), and returns
-``agro_dist.records.Group``s tagged with the weights' version. ``GeneratorActor`` is the same as
+``agro_dist.core.records.Group``s tagged with the weights' version. ``GeneratorActor`` is the same as
 a Ray actor, optionally putting its groups straight into the replay buffer.
 
 Weights: ``update_weights(version, weights)`` swaps the engine's weights in place from a state
@@ -36,10 +36,10 @@ except ValueError:  # not a level name: vLLM says so itself when it configures l
     pass
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
 
-from agro_dist.models import resolve_model  # noqa: E402
-from agro_dist.records import Completion, Group  # noqa: E402
-from agro_dist.rewards import RewardScorer, reward_parts  # noqa: E402
-from agro_dist.tasks import Problem, load_task  # noqa: E402
+from agro_dist.core.records import Completion, Group  # noqa: E402
+from agro_dist.io.models import resolve_model  # noqa: E402
+from agro_dist.tasks.problems import Problem, load_task  # noqa: E402
+from agro_dist.tasks.rewards import RewardScorer, reward_parts  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -198,10 +198,10 @@ class Generator:
         """Swap the engine's weights in place; later groups carry ``version``. Returns seconds.
 
         ``weights``: a state dict with Hugging Face names (the learner's ``publish()``; packed by
-        ``agro_dist.weights`` when it came through the object store), LoRA adapters (``learner.lora_rank``:
+        ``agro_dist.io.weights`` when it came through the object store), LoRA adapters (``learner.lora_rank``:
         merged here over the base model this engine loaded, read again from its safetensors), or a
         folder / ``.safetensors`` file."""
-        from agro_dist.weights import is_adapters, is_packed, iter_safetensors, merge_adapters, unpack
+        from agro_dist.io.weights import is_adapters, is_packed, iter_safetensors, merge_adapters, unpack
 
         t = time.perf_counter()
         if is_packed(weights):  # the learner actor's publish: tensors over the object store's memory
@@ -314,7 +314,7 @@ def _return_freed_memory() -> None:
 
 SCRATCH_PREFIX = "agro_dist-gen-"
 # Every process-owned scratch folder: a generator's, and a driver's for the private Ray it starts
-# (agro_dist.startup.own_ray_tmpdir). Removed once the process is gone.
+# (agro_dist.run.startup.own_ray_tmpdir). Removed once the process is gone.
 SCRATCH_PREFIXES = (SCRATCH_PREFIX, "agro_dist-run-")
 
 

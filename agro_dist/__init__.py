@@ -1,6 +1,6 @@
 """agro_dist: distributed RL fine-tuning of language models with AGRO on Ray.
 
-The algorithm core (``agro_dist.losses``, ``agro_dist.tabular``) is pure PyTorch: no I/O,
+The algorithm core (``agro_dist.core.losses``, ``agro_dist.tabular``) is pure PyTorch: no I/O,
 no models, no Ray.
 """
 

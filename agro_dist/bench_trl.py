@@ -92,7 +92,7 @@ def setting_of(config: Optional[str], seed: int, lr: Optional[float]) -> Dict[st
     """What both systems train with: the default run's, or a run config file's (``--config``)."""
     out = dict(DEFAULT_SETTING, seed=seed)
     if config:
-        from agro_dist.config import load
+        from agro_dist.run.config import load
 
         c = load(config)
         g, lc = c.generator, c.learner
@@ -149,9 +149,9 @@ def trl_worker(spec: Dict[str, Any]) -> int:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOTrainer
 
-    from agro_dist.models import resolve_model
-    from agro_dist.rewards import resolve_reward_fn
-    from agro_dist.tasks import load_task
+    from agro_dist.io.models import resolve_model
+    from agro_dist.tasks.problems import load_task
+    from agro_dist.tasks.rewards import resolve_reward_fn
 
     if spec["generation"] == "vllm":
         _patch_trl_vllm_sync()

@@ -26,9 +26,9 @@ from typing import List, Optional
 
 import yaml
 
-from agro_dist import config as config_mod
-from agro_dist.config import ConfigError
-from agro_dist.storage import fetch
+from agro_dist.io.storage import fetch
+from agro_dist.run import config as config_mod
+from agro_dist.run.config import ConfigError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    # Its INFO lines would come through our handler. Not left to the generator module: agro_dist.config
+    # Its INFO lines would come through our handler. Not left to the generator module: agro_dist.run.config
     # imported it (setting the vllm logger from VLLM_LOGGING_LEVEL) before the line above.
     logging.getLogger("vllm").setLevel(logging.ERROR)
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # read when torch loads (later): no C++ "NUMA binding" notice

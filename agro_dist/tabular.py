@@ -3,7 +3,7 @@
 A policy is a [P, K] tensor of logits: ``pi(. | x_p) = softmax(logits[p])``. Everything here
 is exact (sums over the K responses), in float64, and differentiable, so the tests can check
 the closed-form gradients of AGRO-MATH.md against autograd and the sample estimators of
-``agro_dist.losses`` against both. Quantities averaged over prompts use the uniform prompt
+``agro_dist.core.losses`` against both. Quantities averaged over prompts use the uniform prompt
 distribution.
 
 Figure 1 (paper Section 5.1): data from ``pi_ref`` (off-policy, offline), off-policy AGRO
@@ -21,7 +21,7 @@ from typing import Dict, List
 
 import torch
 
-from agro_dist.losses import get_loss
+from agro_dist.core.losses import get_loss
 
 Tensor = torch.Tensor
 

@@ -2,7 +2,7 @@
 
 ``ReplayBuffer`` is the data plane between generator actors and the learner; ``RedisServer``
 starts a private loopback-only Redis when no ``redis_url`` is given. The record contract is
-``agro_dist.records``.
+``agro_dist.core.records``.
 """
 
 from .replay import BufferConfig, BufferFull, BufferTimeout, ReplayBuffer, SampleBatch, SampledGroup, replay_count

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from agro_dist.records import Completion, Group, decode_groups, encode_group, encode_groups
+from agro_dist.core.records import Completion, Group, decode_groups, encode_group, encode_groups
 
 from .client import connect
 from .replay import CONSUMER_GROUP, ReplayBuffer

@@ -52,7 +52,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import pyarrow as pa
 import redis
 
-from agro_dist.records import Group, RecordError, batch_to_ipc, decode_groups, encode_groups, rows_to_groups
+from agro_dist.core.records import Group, RecordError, batch_to_ipc, decode_groups, encode_groups, rows_to_groups
 
 from .client import connect
 from .server import RedisServer

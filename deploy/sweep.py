@@ -44,8 +44,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from agro_dist.monitor import read_csv, run_config
-from agro_dist.storage import atomic_write
+from agro_dist.io.storage import atomic_write
+from agro_dist.run.monitor import read_csv, run_config
 
 RUN_FILES = ("train.csv", "eval.csv", "summary.json", "config.yaml")
 TAIL = 5  # train rows averaged for a run's final reward and KL (one batch is noisy)
@@ -381,7 +381,7 @@ def _fmt(v):
 
 def state(run: str, storage: str) -> str:
     """finished | resumable | incomplete | new, from what the storage holds for this run."""
-    from agro_dist.storage import Storage, join, latest_checkpoint
+    from agro_dist.io.storage import Storage, join, latest_checkpoint
 
     st = Storage(join(storage, run))
     if st.exists("summary.json"):
@@ -392,7 +392,7 @@ def state(run: str, storage: str) -> str:
 
 
 def collect(run: str, storage: str, out_dir: str) -> bool:
-    from agro_dist.storage import Storage, join
+    from agro_dist.io.storage import Storage, join
 
     st = Storage(join(storage, run))
     if not st.exists("summary.json"):
@@ -453,7 +453,7 @@ def main(argv=None) -> int:
     else:
         storage = args.storage_path or ("runs" if args.local else "~/agro_dist_results")
         if args.local:
-            from agro_dist.storage import is_remote
+            from agro_dist.io.storage import is_remote
 
             storage = storage if is_remote(storage) else os.path.abspath(os.path.expanduser(storage))
         extra = [*extra, "--run.storage_path", storage]

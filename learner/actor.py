@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import ray
 
-from agro_dist.records import Group
+from agro_dist.core.records import Group
 
 
 def _interface_of(ip: str) -> Optional[str]:
@@ -86,9 +86,9 @@ class LearnerWorker:
 
     def publish(self) -> Tuple[int, "ray.ObjectRef", float]:
         """(version, object ref of the weights, seconds it took). In the store they are
-        ``agro_dist.weights.pack``ed: ``ray.put`` copies the parameters' memory into it once,
+        ``agro_dist.io.weights.pack``ed: ``ray.put`` copies the parameters' memory into it once,
         with no copy in this process, and generators read them from shared memory."""
-        from agro_dist.weights import pack
+        from agro_dist.io.weights import pack
 
         t = time.perf_counter()
         version, sd = self.learner.publish(copy=False, adapters=True)  # LoRA: the adapters alone

@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from agro_dist.records import Group
+from agro_dist.core.records import Group
 
 from .config import PACKINGS
 

@@ -46,7 +46,7 @@ def matmul_flops(seconds: float = 2.0, n: int = 1024) -> float:
 
 def synthetic_groups(G: int, N: int, P: int, R, vocab: int, seed: int):
     """G groups of N random completions; ``R``: a length, or (lo, hi) drawn per completion."""
-    from agro_dist.records import Completion, Group
+    from agro_dist.core.records import Completion, Group
 
     rng = np.random.default_rng(seed)
     lo, hi = (R, R) if isinstance(R, int) else R
@@ -63,8 +63,8 @@ def plain_step(pol, ref, opt, groups, *, micro_groups: int, beta: float, device:
     """One optimizer step of the plain PyTorch peer: Hugging Face forward with full-vocabulary
     float32 logits on padded rows, the ``agro_off`` loss (the mean over the batch's prompts),
     gradient-norm clipping, ``opt``."""
+    from agro_dist.core.losses import get_loss
     from agro_dist.learner.batching import collate
-    from agro_dist.losses import get_loss
 
     fn = get_loss("agro_off")
     opt.zero_grad()
@@ -91,7 +91,7 @@ def parse_shape(shape: str):
 
 
 def _worker(spec: dict) -> dict:
-    from agro_dist.models import resolve_model
+    from agro_dist.io.models import resolve_model
 
     model = resolve_model(spec["model"])
     G, N, P, R = parse_shape(spec["shape"])
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     if a.worker:
         print("RESULT " + json.dumps(_worker(json.loads(a.worker))), flush=True)
         return 0
-    from agro_dist.models import resolve_model
+    from agro_dist.io.models import resolve_model
 
     resolve_model(a.model)  # convert the default model once, before the timed processes
     rate = matmul_flops()

@@ -19,7 +19,7 @@ class LearnerConfig:
     beta: float = 0.05
     # The policy (and the reference) are scored as softmax(logits / temperature): the distribution
     # a generator sampling at this temperature draws from. None: 1 here; a run's driver sets the
-    # generators' temperature (agro_dist.config), so that on-policy data is on-policy.
+    # generators' temperature (agro_dist.run.config), so that on-policy data is on-policy.
     temperature: Optional[float] = None
     batch_groups: int = 8  # groups per optimizer step, over all ranks
     micro_groups: int = 2  # groups per forward/backward on one rank

@@ -127,11 +127,11 @@ def lora_correctness(model: str, rank: int = 4) -> None:
         return
     from transformers import AutoModelForCausalLM
 
-    from agro_dist.weights import iter_safetensors
+    from agro_dist.io.weights import iter_safetensors
+    from agro_dist.io.weights import merge_adapters
     from agro_dist.learner import lora
     from agro_dist.learner.bench import plain_step, synthetic_groups
     from agro_dist.learner.learner import Learner, LearnerConfig
-    from agro_dist.weights import merge_adapters
 
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = "cuda" if torch.cuda.is_available() else "cpu"

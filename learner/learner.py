@@ -34,11 +34,11 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from agro_dist.losses import get_loss, min_group_size, needs_behaviour_logprobs, needs_token_kl  # noqa: E402
-from agro_dist.model_card import copy_tokenizer, write_model_card  # noqa: E402
-from agro_dist.models import resolve_model  # noqa: E402
-from agro_dist.records import Group  # noqa: E402
-from agro_dist.storage import CheckpointWriteError, Storage, atomic_write, commit_checkpoint, display, fetch_checkpoint, is_remote, join, latest_checkpoint  # noqa: E402
+from agro_dist.core.losses import get_loss, min_group_size, needs_behaviour_logprobs, needs_token_kl  # noqa: E402
+from agro_dist.core.records import Group  # noqa: E402
+from agro_dist.io.model_card import copy_tokenizer, write_model_card  # noqa: E402
+from agro_dist.io.models import resolve_model  # noqa: E402
+from agro_dist.io.storage import CheckpointWriteError, Storage, atomic_write, commit_checkpoint, display, fetch_checkpoint, is_remote, join, latest_checkpoint  # noqa: E402
 
 from .batching import MicroBatch, Prefixed, check_groups, collate, has_behaviour_logprobs, split_by_tokens, split_to_count  # noqa: E402
 from .config import PACKINGS, LearnerConfig  # noqa: E402,F401  (re-exported: agro_dist.learner.learner.LearnerConfig)
@@ -593,7 +593,7 @@ class Learner:
         card built from ``extra["card"]``: ``from_pretrained`` and vLLM load it), ``ds/`` (DeepSpeed
         module, optimizer state per rank), ``rng_rank{r}.pt``, ``meta.json`` (version, skipped
         count, config, the caller's ``extra``: e.g. the buffer cursor). ``root`` is a local (or
-        shared) folder, or a URI of ``agro_dist.storage``. Local: written in a temporary folder and
+        shared) folder, or a URI of ``agro_dist.io.storage``. Local: written in a temporary folder and
         renamed once complete. Remote: each rank writes its files in a local temporary folder and
         uploads them; rank 0 then writes the manifest and ``latest``. Either way a crash never
         leaves a half checkpoint behind ``latest``, and a write that fails (a full disk) raises

@@ -81,7 +81,7 @@ def adapter_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 def publish_payload(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """What a publish sends the generators: per adapted layer, under the base model's module name
     ``m``, ``m.lora_A`` [r, in], ``m.lora_B`` [out, r] and ``m.lora_scale`` (a 0-d tensor), from
-    which ``agro_dist.weights.merge_adapters`` rebuilds ``W + scale * B @ A`` over the base
+    which ``agro_dist.io.weights.merge_adapters`` rebuilds ``W + scale * B @ A`` over the base
     weights the generator already has on disk (megabytes instead of the model).
 
     Layers whose delta is not a plain ``B @ A`` (DoRA, GPT-2's transposed Conv1D) cannot be rebuilt

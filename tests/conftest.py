@@ -53,7 +53,7 @@ def tiny_vllm_model(tmp_path_factory):
     """A random-init Llama vLLM's CPU kernels accept (head_dim 64), with SmolLM2's tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from agro_dist.models import default_model_path
+    from agro_dist.io.models import default_model_path
 
     tok = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from agro_dist.records import Completion, Group
+from agro_dist.core.records import Completion, Group
 
 
 def make_group(i: int, *, version: int = 0, n: int = 4, tokens: int = 16, generator: str = "gen-0", seed: int = 0) -> Group:

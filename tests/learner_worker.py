@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from agro_dist.core.records import Completion, Group
 from agro_dist.learner.learner import Learner, LearnerConfig
-from agro_dist.records import Completion, Group
 
 
 def batch_for_step(step: int, num_groups: int, n: int = 4, vocab: int = 64, seed: int = 0):

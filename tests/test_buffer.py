@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from agro_dist.buffer import BufferTimeout, RedisServer, ReplayBuffer, replay_count
-from agro_dist.records import RecordError, group_to_batch
+from agro_dist.core.records import RecordError, group_to_batch
 from groups import make_group
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from agro_dist import config
+from agro_dist.run import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,7 +107,7 @@ def test_help_lists_every_key_with_a_meaning_and_docs_config_md_documents_each()
         assert f"--{k} " in out.stdout or f"--{k}\n" in out.stdout, k
     # docs/config.md is the table of exactly these keys and texts, and the README points at it.
     doc = open(os.path.join(ROOT, "docs", "config.md")).read()
-    assert doc == config.CONFIG_DOC_HEAD + config.markdown_table(), "regenerate: python -m agro_dist.config markdown > docs/config.md"
+    assert doc == config.CONFIG_DOC_HEAD + config.markdown_table(), "regenerate: python -m agro_dist.run.config markdown > docs/config.md"
     assert all(f"| `{k}` |" in doc for k in keys)
     assert "docs/config.md" in open(os.path.join(ROOT, "README.md")).read()
 
@@ -141,7 +141,7 @@ def test_a_new_run_never_lands_on_an_earlier_one(tmp_path):
             "choose another --run.name, or delete it with --run.overwrite true") in out.stderr
     assert (run / "train.csv").exists() and (run / "checkpoints" / "latest").exists()
     cfg = config.load(overrides={"run.output_dir": str(tmp_path), "run.overwrite": True})
-    from agro_dist.run_folder import check_run_home
+    from agro_dist.run.run_folder import check_run_home
 
     check_run_home(cfg)  # explicitly asked: allowed (the driver deletes it when it starts)
     check_run_home(config.load(overrides={"run.output_dir": str(tmp_path), "run.name": "other"}))
@@ -208,8 +208,8 @@ def test_overwrite_deletes_only_a_run_folder_of_that_name(tmp_path):
 def test_a_run_folder_is_recognised_by_its_marker_or_its_config(tmp_path):
     import json
 
-    from agro_dist.run_folder import RUN_MARKER, is_run_folder
-    from agro_dist.storage import Storage
+    from agro_dist.io.storage import Storage
+    from agro_dist.run.run_folder import RUN_MARKER, is_run_folder
 
     st = Storage(str(tmp_path))
     assert not is_run_folder(st, "a")

@@ -9,8 +9,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from agro_dist.data import LoggedDataError, group_record, load_logged, write_records
-from agro_dist.models import default_model_path
+from agro_dist.io.models import default_model_path
+from agro_dist.tasks.logged import LoggedDataError, group_record, load_logged, write_records
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_prep_writes_gsm8k_in_verls_layout_which_the_dataset_task_reads(tmp_path
     import pathlib
 
     from agro_dist.data import main
-    from agro_dist.tasks import load_task
+    from agro_dist.tasks.problems import load_task
 
     shared = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
     assert main(["prep", str(shared), "--preset", "gsm8k", "--out", str(tmp_path / "gsm8k")]) == 0
@@ -160,7 +160,7 @@ def test_prep_writes_gsm8k_in_verls_layout_which_the_dataset_task_reads(tmp_path
 
 
 def test_logged_batches_run_epoch_after_epoch_each_a_seeded_shuffle_and_resume_from_consumed():
-    from agro_dist.data import LoggedBatches
+    from agro_dist.tasks.logged import LoggedBatches
 
     groups = list(range(10))
     b = LoggedBatches(groups, 4, seed=3)

@@ -1,5 +1,5 @@
 """The defaults quoted in the docs' key tables (docs/learner.md, docs/generator.md) are the code's:
-each value is the class's default, and where a run sets another (agro_dist/config.py's
+each value is the class's default, and where a run sets another (agro_dist/run/config.py's
 _LEARNER_DEFAULTS / _GENERATOR_DEFAULTS) the cell says so as "(run: X)". docs/config.md, the run's
 whole reference, is generated and checked in tests/test_config.py."""
 
@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from agro_dist.actors.generator import GeneratorConfig
-from agro_dist.config import _GENERATOR_DEFAULTS, _LEARNER_DEFAULTS
 from agro_dist.learner.config import LearnerConfig
+from agro_dist.run.config import _GENERATOR_DEFAULTS, _LEARNER_DEFAULTS
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 UNQUOTED = object()  # a cell that describes rather than quotes a value ("-", "task's", "= model")

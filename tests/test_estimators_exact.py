@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from agro_dist import tabular
-from agro_dist.losses import get_loss, kl_surrogate
+from agro_dist.core.losses import get_loss, kl_surrogate
 from toy_policy import exact_grad, max_z, mc_gradients, random_problem, seq_logp, total_variance, variance_reduction_z
 
 DRAWS = 20000
@@ -137,7 +137,7 @@ def test_agro_on_loo_lr_baseline_has_lower_variance(problem):
 def _agro_on_var_baseline_with_own_sample(logps, ref_logps, mask, rewards, *, group_size, beta):
     """A plausible bug of ``loo_var``: the variance baseline taken over the whole group, R_i
     included, so it depends on y_i and biases the LR term."""
-    from agro_dist.losses import _check, _pd_surrogate
+    from agro_dist.core.losses import _check, _pd_surrogate
 
     n = group_size
     logps, ref_logps, mask, _, beta = _check(logps, ref_logps, mask, rewards, n, beta, loss="agro_on")

@@ -1,4 +1,4 @@
-"""agro_dist/evaluator.py: held-out evaluations on generator 0 (a real vLLM generator actor, tiny
+"""agro_dist/run/evaluator.py: held-out evaluations on generator 0 (a real vLLM generator actor, tiny
 model, local Ray), recorded in eval.csv, and run again when the generator dies under one."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import os
 import pytest
 import ray
 
-from agro_dist import config
-from agro_dist.evaluator import Evaluator
-from agro_dist.generator_pool import GeneratorPool
-from agro_dist.learner_group import LearnerGroup
-from agro_dist.monitor import RunMonitor, read_csv
-from agro_dist.startup import Placement
+from agro_dist.run import config
+from agro_dist.run.evaluator import Evaluator
+from agro_dist.run.generator_pool import GeneratorPool
+from agro_dist.run.learner_group import LearnerGroup
+from agro_dist.run.monitor import RunMonitor, read_csv
+from agro_dist.run.startup import Placement
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from agro_dist.actors.generator import Generator, GeneratorConfig
 from agro_dist.buffer import ReplayBuffer
-from agro_dist.records import encode_group
+from agro_dist.core.records import encode_group
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_generator_actor_puts_groups_into_the_buffer_and_takes_weights_from_the_
     stats = ray.get(actor.produce.remote(calls=2), timeout=300)
     assert stats["groups"] == 4 and stats["completions"] == 8 and stats["version"] == 0
     hf = AutoModelForCausalLM.from_pretrained(tiny_vllm_model, dtype=torch.float32)
-    from agro_dist.weights import pack
+    from agro_dist.io.weights import pack
 
     # As the learner actor publishes: packed, read by the generator over the store's shared memory.
     ref = ray.put(pack(hf.state_dict()))

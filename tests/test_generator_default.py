@@ -16,7 +16,7 @@ def test_default_smollm2_generates_answers_and_matches_transformers():
     """The embedded default model through vLLM: its sampled tokens' log-probs match transformers'
     at the sampling temperature (0.7) and it can add
     (measured before training: ~64% greedy, ~36% sampled at temperature 0.7 on 1-digit sums)."""
-    from agro_dist.models import default_model_path
+    from agro_dist.io.models import default_model_path
 
     g = Generator(GeneratorConfig(model="default", n=2, temperature=0.7, max_tokens=16, prompts_per_call=2, kv_cache_gb=1))
     try:

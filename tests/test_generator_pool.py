@@ -1,4 +1,4 @@
-"""agro_dist/generator_pool.py: the pool's calls, counters and failures, with real vLLM generator
+"""agro_dist/run/generator_pool.py: the pool's calls, counters and failures, with real vLLM generator
 actors (tiny model) on a local Ray and the real Redis buffer."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import time
 import pytest
 import ray
 
-from agro_dist import config
 from agro_dist.buffer import ReplayBuffer
-from agro_dist.generator_pool import GeneratorPool
-from agro_dist.learner_group import LearnerGroup
-from agro_dist.startup import Placement
+from agro_dist.run import config
+from agro_dist.run.generator_pool import GeneratorPool
+from agro_dist.run.learner_group import LearnerGroup
+from agro_dist.run.startup import Placement
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from agro_dist.core.losses import LOSSES, get_loss
 from agro_dist.learner.batching import collate, micro_batch_tokens, split_by_tokens, split_to_count
 from agro_dist.learner.learner import LearnerConfig, lr_at, response_hidden
 from agro_dist.learner.logprobs import chunked_logprobs, naive_logprobs, token_kl
-from agro_dist.losses import LOSSES, get_loss
 from learner_worker import batch_for_step, make_learner
 
 HERE = os.path.dirname(__file__)
@@ -168,7 +168,7 @@ def test_packed_log_probs_on_the_default_model(pack):
     """SmolLM2 (30 layers, a real tokenizer's ids): packed equals padded. Measured 1.9e-5 (rows)
     and 2.7e-5 (prefix): the rounding differences grow through 30 layers and logits of ~20; a
     layout bug (a completion seeing another, a wrong position id) moves log-probs by >1e-2."""
-    from agro_dist.models import resolve_model
+    from agro_dist.io.models import resolve_model
 
     groups = batch_for_step(5, 3, vocab=40_000)
     (padded, packed), _ = _packed_and_padded_logprobs(resolve_model("default"), groups, pack, 64)
@@ -418,7 +418,7 @@ def test_reported_kl_is_the_exact_kl_also_on_data_pi_did_not_sample(tiny_model, 
     estimates -KL(pi_ref || pi) < 0, no KL(pi || pi_ref) at all."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from agro_dist.records import Completion
+    from agro_dist.core.records import Completion
 
     torch.manual_seed(7)
     ref_dir = str(tmp_path / "ref")

@@ -1,4 +1,4 @@
-"""agro_dist/learner_group.py: gathering the ranks' answers to one call (local Ray).
+"""agro_dist/run/learner_group.py: gathering the ranks' answers to one call (local Ray).
 
 The ranks here are stand-ins (``StandInRank``: a Ray actor that answers, raises, hangs or dies on
 demand): what is tested is how the group reads its ranks' calls, which is Ray's alone. The real
@@ -13,10 +13,10 @@ import time
 import pytest
 import ray
 
-from agro_dist import config
-from agro_dist.errors import TrainingError, ray_actor_errors
-from agro_dist.learner_group import LearnerGroup
-from agro_dist.startup import Placement
+from agro_dist.run import config
+from agro_dist.run.errors import TrainingError, ray_actor_errors
+from agro_dist.run.learner_group import LearnerGroup
+from agro_dist.run.startup import Placement
 
 
 @pytest.fixture(scope="module")

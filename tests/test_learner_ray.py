@@ -10,7 +10,7 @@ import ray
 import torch
 
 from agro_dist.buffer import ReplayBuffer
-from agro_dist.weights import is_packed, unpack
+from agro_dist.io.weights import is_packed, unpack
 from learner_worker import batch_for_step, make_learner
 
 

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from agro_dist.learner.batching import collate
 from agro_dist.learner.learner import response_hidden
-from agro_dist.learner.lora import adapters_off
 from agro_dist.learner.logprobs import naive_logprobs
+from agro_dist.learner.lora import adapters_off
 from learner_worker import batch_for_step, make_learner
 
 
@@ -52,8 +52,8 @@ def test_lora_reference_is_the_base_model_and_only_adapters_train(tiny_model, tm
     assert changed and all(k.endswith(".weight") and "proj" in k for k in changed), changed
     assert torch.equal(after["lm_head.weight"], base["lm_head.weight"]) if "lm_head.weight" in base else True
     # What the generators get: the adapters alone, which merged over the base file are these weights exactly.
-    from agro_dist.weights import iter_safetensors
-    from agro_dist.weights import is_adapters, merge_adapters
+    from agro_dist.io.weights import is_adapters, merge_adapters
+    from agro_dist.io.weights import iter_safetensors
 
     _, payload = learner.publish(adapters=True)
     assert is_adapters(payload) and all(k.rsplit(".", 1)[1] in ("lora_A", "lora_B", "lora_scale") for k in payload)
@@ -99,7 +99,7 @@ def test_lora_settings_that_cannot_work_are_refused(tiny_model, tmp_path):
 
 
 def test_lora_config_errors_before_start():
-    from agro_dist.config import ConfigError, load
+    from agro_dist.run.config import ConfigError, load
 
     for over, msg in (({"learner.lora_rank": 8, "learner.zero_stage": 3, "learner.micro_groups": 8}, "use learner.zero_stage 0-2"),
                       ({"learner.lora_rank": 8, "learner.ref_model": "/some/other"}, "learner.ref_model must be unset"),

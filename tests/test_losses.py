@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agro_dist.losses import LOSSES, get_loss, kl_surrogate, needs_on_policy_data, needs_token_kl
+from agro_dist.core.losses import LOSSES, get_loss, kl_surrogate, needs_on_policy_data, needs_token_kl
 
 F64 = torch.float64
 

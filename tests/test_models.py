@@ -6,7 +6,7 @@ import sys
 
 SCRIPT = (
     "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
-    "from agro_dist.models import default_model_path\n"
+    "from agro_dist.io.models import default_model_path\n"
     "from transformers import AutoConfig\n"
     "p = default_model_path(); AutoConfig.from_pretrained(p); print('PATH', p)\n"
 )
@@ -34,7 +34,7 @@ def test_a_hub_id_where_the_hub_cannot_be_reached_fails_before_ray_with_what_to_
 
     import pytest
 
-    from agro_dist.models import resolve_model
+    from agro_dist.io.models import resolve_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache

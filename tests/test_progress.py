@@ -1,12 +1,12 @@
-"""agro_dist/progress.py: the run's counters, its budget and the train.csv row (plain data)."""
+"""agro_dist/run/progress.py: the run's counters, its budget and the train.csv row (plain data)."""
 
 from __future__ import annotations
 
 import pytest
 
-from agro_dist import config
-from agro_dist.monitor import TRAIN_COLUMNS
-from agro_dist.progress import Progress, budget_spent, time_left, train_row
+from agro_dist.run import config
+from agro_dist.run.monitor import TRAIN_COLUMNS
+from agro_dist.run.progress import Progress, budget_spent, time_left, train_row
 
 
 def _run(**kw):

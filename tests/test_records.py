@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from agro_dist.records import (
+from agro_dist.core.records import (
     GROUP_SCHEMA,
     SCHEMA_VERSION,
     Completion,

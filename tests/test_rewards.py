@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from agro_dist.rewards import RewardScorer, extract_answer, math_equal, math_reward, numeric_reward, resolve_reward_fn
+from agro_dist.tasks.rewards import RewardScorer, extract_answer, math_equal, math_reward, numeric_reward, resolve_reward_fn
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -133,7 +133,7 @@ def test_user_reward_functions_by_import_path():
 
 
 def test_trl_batched_and_verl_signatures_several_functions_with_weights():
-    from agro_dist.rewards import reward_kind, reward_parts
+    from agro_dist.tasks.rewards import reward_kind, reward_parts
 
     assert [reward_kind(resolve_reward_fn(s)) for s in ("math", "reward_fns:contains_answer", "reward_fns:trl_contains",
                                                         "reward_fns:verl_score")] == ["completion", "completion", "batched", "verl"]
@@ -167,8 +167,8 @@ def test_trl_batched_and_verl_signatures_several_functions_with_weights():
         t = time.monotonic()
         assert s.score(["a", "b"], "1") == [0.0, 0.0] and s.stats.timeouts == 1
         assert time.monotonic() - t < 0.5 * 2 + 5  # the group's limit (0.5 s per completion) plus a restart
-    from agro_dist.monitor import TRAIN_COLUMNS
-    from agro_dist.rewards import _RESERVED_COLUMNS
+    from agro_dist.run.monitor import TRAIN_COLUMNS
+    from agro_dist.tasks.rewards import _RESERVED_COLUMNS
 
     assert {c for c in TRAIN_COLUMNS if c.startswith("reward_")} == set(_RESERVED_COLUMNS)
     for bad, msg in (([], "the list is empty"), ([{"fn": "math", "weight": "x"}], "weight must be a number"),

@@ -1,4 +1,4 @@
-"""agro_dist/run_folder.py: a run's folder is made ready, and only agro_dist's own is ever deleted."""
+"""agro_dist/run/run_folder.py: a run's folder is made ready, and only agro_dist's own is ever deleted."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import logging
 import pytest
 import yaml
 
-from agro_dist import config
-from agro_dist.run_folder import RUN_MARKER, RunFolder
-from agro_dist.startup import StartupError
+from agro_dist.run import config
+from agro_dist.run.run_folder import RUN_MARKER, RunFolder
+from agro_dist.run.startup import StartupError
 
 
 def _cfg(tmp_path, **kw):

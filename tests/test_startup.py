@@ -96,8 +96,8 @@ def test_the_driver_does_not_import_torch(tmp_path):
     classes and writing the run's tables and TensorBoard scalars must not load torch,
     transformers, DeepSpeed or vLLM into it (~0.4 GB of resident memory and ~5 s of start-up,
     measured; issue 14's 8 GB budget)."""
-    code = ("import sys, agro_dist.driver, agro_dist.config, agro_dist.learner.actor, agro_dist.actors.generator, agro_dist.buffer, "
-            "agro_dist.weights; from agro_dist.learner import LearnerConfig, PACKINGS; from agro_dist.monitor import RunMonitor; "
+    code = ("import sys, agro_dist.run.driver, agro_dist.run.config, agro_dist.learner.actor, agro_dist.actors.generator, agro_dist.buffer, "
+            "agro_dist.io.weights; from agro_dist.learner import LearnerConfig, PACKINGS; from agro_dist.run.monitor import RunMonitor; "
             "m = RunMonitor(sys.argv[1], 'r', ray_metrics=False); m.train(dict(step=1, reward_mean=0.5)); m.train(dict(step=2, reward_mean=0.75)); "
             "m.close(); print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'deepspeed', 'vllm'}))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)

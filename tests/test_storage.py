@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from agro_dist.storage import CheckpointWriteError, Storage, display, fetch_checkpoint, join, latest_checkpoint
+from agro_dist.io.storage import CheckpointWriteError, Storage, display, fetch_checkpoint, join, latest_checkpoint
 from learner_worker import batch_for_step, make_learner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -79,7 +79,7 @@ def test_learner_checkpoint_on_s3_loads_back_and_is_checked_against_its_manifest
     assert all(torch.equal(v, sd[k]) for k, v in hf.state_dict().items() if k in sd)
     shutil.rmtree(local)  # the caller's to remove
     # python -m agro_dist.evaluate takes the bucket's hf/ and config.yaml: local copies first.
-    from agro_dist.storage import fetch
+    from agro_dist.io.storage import fetch
 
     got = fetch(join(root, "step_00000001", "hf"))
     assert sorted(os.listdir(got)) == sorted(k.split("/", 1)[1] for k in manifest if k.startswith("hf/"))

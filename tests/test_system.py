@@ -322,7 +322,7 @@ LOSS_RUNS = {
 
 @pytest.mark.parametrize("loss", sorted(LOSS_RUNS))
 def test_every_loss_and_task_preset_runs_through_the_driver(head, tiny_vllm_model, tmp_path, loss):
-    from agro_dist.losses import LOSSES
+    from agro_dist.core.losses import LOSSES
 
     assert set(LOSS_RUNS) | {"agro_off"} == set(LOSSES)  # agro_off: every other system test
 
@@ -744,7 +744,7 @@ def test_ray_job_submit_runs_the_job_and_its_metrics_reach_the_head(head, tiny_v
     env_vars = {"PYTHONPATH": TESTS, "HOME": str(home), "XDG_CACHE_HOME": os.path.join(os.path.expanduser("~"), ".cache")}
     job_id = _submit(head, args, env_vars)
     # Every metric deploy/README.md's dashboard table names (and only those the driver sets), each with a value.
-    from agro_dist.monitor import EVAL_GAUGES, GAUGES
+    from agro_dist.run.monitor import EVAL_GAUGES, GAUGES
 
     guide = open(os.path.join(ROOT, "deploy", "README.md")).read()
     listed = set(re.findall(r"`ray_(agro_\w+)`", guide[guide.index("## 3. Reading the dashboard"):guide.index("**The training curves")]))
@@ -804,7 +804,7 @@ def test_ray_job_submit_runs_the_job_and_its_metrics_reach_the_head(head, tiny_v
 def test_jobs_keep_the_run_on_s3_and_one_killed_mid_checkpoint_resumes_from_the_previous(head, tiny_vllm_model, tmp_path, s3_server, short_tmp):
     from transformers import AutoModelForCausalLM
 
-    from agro_dist.storage import Storage, join, latest_checkpoint
+    from agro_dist.io.storage import Storage, join, latest_checkpoint
 
     store = s3_server["uri"]("jobs", "runs")
     args = [*_without_output_dir(_args(tiny_vllm_model, tmp_path, "s3run", "--run.steps", "4", "--run.checkpoint_every", "2",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from agro_dist import tabular as tb
-from agro_dist.losses import get_loss
+from agro_dist.core.losses import get_loss
 from toy_policy import max_z
 
 F64 = torch.float64

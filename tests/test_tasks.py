@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from agro_dist.tasks import ArithmeticTask, JsonlTask, format_prompt, load_task
+from agro_dist.tasks.problems import ArithmeticTask, JsonlTask, format_prompt, load_task
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -79,7 +79,7 @@ def test_bad_jsonl_names_file_line_and_field(tmp_path):
 def test_prompt_uses_the_models_chat_template():
     from transformers import AutoTokenizer
 
-    from agro_dist.models import default_model_path
+    from agro_dist.io.models import default_model_path
 
     tok = AutoTokenizer.from_pretrained(default_model_path())
     task = ArithmeticTask()
@@ -136,7 +136,7 @@ def test_dataset_task_reads_verls_parquet_layout_and_chat_prompts(tmp_path):
     assert p.metadata["data_source"] == "openai/gsm8k" and p.metadata["extra_info"] == {"split": "train", "index": 30}
     from transformers import AutoTokenizer
 
-    from agro_dist.models import default_model_path
+    from agro_dist.io.models import default_model_path
 
     tok = AutoTokenizer.from_pretrained(default_model_path())
     text = t.prompt(tok, p)
@@ -154,7 +154,7 @@ def test_dataset_task_reads_verls_parquet_layout_and_chat_prompts(tmp_path):
 def test_chat_options_system_prompt_template_override_and_raw(tmp_path):
     from transformers import AutoTokenizer
 
-    from agro_dist.models import default_model_path
+    from agro_dist.io.models import default_model_path
 
     tok = AutoTokenizer.from_pretrained(default_model_path())
     t = load_task("arithmetic", levels=[1], raw_prompt=True)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from agro_dist.monitor import RunMonitor
+from agro_dist.run.monitor import RunMonitor
 
 
 def _wandb_records(run_dir):
@@ -96,7 +96,7 @@ def test_a_tracker_that_fails_mid_run_is_switched_off_and_training_goes_on(tmp_p
 
 
 def test_unknown_or_missing_loggers_are_refused_before_start(tmp_path, monkeypatch):
-    from agro_dist.config import ConfigError, load
+    from agro_dist.run.config import ConfigError, load
 
     # W&B online with no key anywhere would stop for a login (or wait on the network): refused first.
     for k in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
@@ -127,11 +127,11 @@ def test_unknown_or_missing_loggers_are_refused_before_start(tmp_path, monkeypat
 def test_the_grafana_dashboard_in_deploy_is_the_one_the_code_makes_and_plots_every_gauge():
     import pathlib
 
-    from agro_dist.monitor import EVAL_GAUGES, GAUGES, grafana_dashboard
+    from agro_dist.run.monitor import EVAL_GAUGES, GAUGES, grafana_dashboard
 
     path = pathlib.Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "agro_dist.json"
     dash = json.loads(path.read_text())
-    assert dash == grafana_dashboard(), "regenerate it: python -m agro_dist.monitor grafana > deploy/grafana/agro_dist.json"
+    assert dash == grafana_dashboard(), "regenerate it: python -m agro_dist.run.monitor grafana > deploy/grafana/agro_dist.json"
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
     for name in [*GAUGES, *EVAL_GAUGES, "agro_reward_fn_mean", "agro_staleness_bucket"]:
         assert f"ray_{name}{{" in exprs, name
@@ -141,7 +141,7 @@ def test_the_grafana_dashboard_in_deploy_is_the_one_the_code_makes_and_plots_eve
 def test_the_run_plot_is_titled_with_the_setting_and_drops_panels_with_nothing_to_show(tmp_path):
     """training.png: the title names model, task, loss, beta, mode and p; a sync run at p = 0 has no
     staleness or replay to draw (that panel is dropped), an async run with replay keeps it."""
-    from agro_dist.monitor import _run_title, plot_run, run_panels
+    from agro_dist.run.monitor import _run_title, plot_run, run_panels
 
     sync = [dict(step=s, generated_samples=32 * s, samples=32 * s, elapsed_s=10.0 * s, reward_mean=0.1 * s, kl=0.2 * s,
                  fresh_staleness_mean=0.0, fresh_staleness_max=0.0, replay_fraction=0.0, generated_tokens_per_s=50.0) for s in range(1, 4)]

@@ -5,7 +5,7 @@ Vocabulary {0 = EOS, 1, 2}, at most L = 3 tokens: a response ends at EOS or is c
 without EOS). The policy is a table of logits theta [P, 7, 3], one softmax per prompt and
 context. Exact sequence log-probs are differentiable in theta, so every exact loss of
 ``agro_dist.tabular`` applied to the 15 sequence log-probs gives exact gradients in theta by
-autograd; the sample estimators of ``agro_dist.losses`` are checked against those.
+autograd; the sample estimators of ``agro_dist.core.losses`` are checked against those.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def _convert_in_child(out: str) -> None:
     import sys
 
     log.info("converting %s to a float32 Hugging Face folder at %s (once)", _gguf_path(), out)
-    code = "import sys; from agro_dist.models import _convert_default; _convert_default(sys.argv[1])"
+    code = "import sys; from agro_dist.io.models import _convert_default; _convert_default(sys.argv[1])"
     r = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True)
     if r.returncode != 0:
         tail = "\n".join(r.stderr.strip().splitlines()[-5:])
@@ -142,8 +142,6 @@ def resolve_model(name_or_path: str) -> str:
         raise FileNotFoundError(f"model folder not found: {name_or_path}")
     from huggingface_hub import snapshot_download
 
-    from agro_dist.tasks import hub_reachable
-
     why = hub_reachable()
     try:
         # Weights as safetensors only: pickled .bin files are never fetched (nor loaded).
@@ -154,3 +152,31 @@ def resolve_model(name_or_path: str) -> str:
         raise FileNotFoundError(f"model {name_or_path!r} is not a local folder, and it cannot be fetched: {hint}. Pass a local "
                                 f"Hugging Face folder (e.g. huggingface-cli download {name_or_path} --local-dir DIR where the "
                                 f"network allows)") from None
+
+
+def hub_reachable(timeout_s: float = 5.0) -> Optional[str]:
+    """None when the Hugging Face hub answers; else why not (offline mode, no route, no name)."""
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return "HF_HUB_OFFLINE is set"
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except ImportError:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return endpoint_unreachable(endpoint, timeout_s)
+
+
+def endpoint_unreachable(endpoint: str, timeout_s: float = 5.0) -> Optional[str]:
+    """Why an http(s) endpoint cannot be reached (a TCP connect within ``timeout_s``), or None:
+    the hub here, an MLflow server in ``trackers``; their clients would retry for minutes."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s).close()
+    except OSError as e:
+        return f"{url.netloc} cannot be reached ({e})"
+    return None

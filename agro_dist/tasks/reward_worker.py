@@ -1,4 +1,4 @@
-"""A reward worker process: ``python -m agro_dist.reward_worker SPEC``.
+"""A reward worker process: ``python -m agro_dist.tasks.reward_worker SPEC``.
 
 Reads one JSON job per line on stdin (``[texts, reference, metadata, prompt]``: one completion
 for a per-completion function, a group for a batched one), writes one JSON reply per line on
@@ -15,7 +15,7 @@ import sys
 def main() -> int:
     # We time out by killing this process; math-verify's note that its own timeout is off is noise.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    from agro_dist.rewards import call_reward, resolve_reward_fn, reward_kind
+    from agro_dist.tasks.rewards import call_reward, resolve_reward_fn, reward_kind
 
     fn = resolve_reward_fn(sys.argv[1])
     kind = reward_kind(fn)

@@ -53,7 +53,7 @@ def check_loggers(names: Sequence[str]) -> None:
 def _mlflow_unreachable(timeout_s: float = 5.0) -> Optional[str]:
     """Why an http(s) MLFLOW_TRACKING_URI cannot be reached, or None (MLflow's client would retry
     a dead server for minutes, mid-start)."""
-    from agro_dist.tasks import endpoint_unreachable
+    from agro_dist.io.models import endpoint_unreachable
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):

@@ -290,7 +290,7 @@ class Config:
     @property
     def run_home(self) -> str:
         """Where this run is kept: ``storage_path/name`` (a local path or a URI), else ``output_dir/name``."""
-        from agro_dist.storage import is_remote, join, local_path
+        from agro_dist.io.storage import is_remote, join, local_path
 
         if self.run.storage_path:
             home = join(self.run.storage_path, self.run.name)
@@ -484,7 +484,7 @@ def resume_config(cfg: Config, given: Dict[str, Any]) -> Config:
     """For ``run.resume``: the run's saved ``config.yaml`` with the keys the user ``given`` now
     (config file and command line) on top; a ``RESUME_FIXED`` key given with a value other than
     the saved one is a ConfigError naming both. Without a saved config, ``cfg`` as it is."""
-    from agro_dist.storage import Storage, display, join
+    from agro_dist.io.storage import Storage, display, join
 
     home = Storage(cfg.run_home)
     saved_path = display(join(cfg.run_home, "config.yaml"))
@@ -544,7 +544,7 @@ def validate(cfg: Config) -> None:
                           "evaluation uses the training task as configured (generator.task_path, generator.task_options)")
     if not isinstance(r.loggers, list) or not all(isinstance(n, str) for n in r.loggers):
         raise ConfigError(f"run.loggers must be a list of names, e.g. [wandb, mlflow], got {r.loggers!r}")
-    from agro_dist.trackers import check_loggers
+    from agro_dist.run.trackers import check_loggers
 
     try:
         check_loggers(r.loggers)
@@ -614,7 +614,7 @@ def _check_on_policy(cfg: Config) -> None:
     """Refuse a loss that assumes samples of the current policy (agro_on, rloo, the causal and
     local KL estimators) on any other data, before anything starts: it would run, and silently
     estimate something else."""
-    from agro_dist.losses import get_loss, needs_on_policy_data  # torch: only when a run is validated
+    from agro_dist.core.losses import get_loss, needs_on_policy_data  # torch: only when a run is validated
 
     lc, r, g = cfg.learner, cfg.run, cfg.generator
     try:
@@ -650,7 +650,7 @@ def check_tasks(cfg: Config) -> None:
     """Load the training and evaluation tasks as the actors will (data files read, options
     checked) and refuse, before anything starts, a training task with no training problems or an
     evaluation task with no held-out problems. Errors name the key and the file/line/field."""
-    from agro_dist.tasks import load_task
+    from agro_dist.tasks.problems import load_task
 
     def load_as(what: str, name: str, path: Optional[str], opts: Optional[Dict[str, Any]]):
         try:
@@ -662,7 +662,7 @@ def check_tasks(cfg: Config) -> None:
 
     g = cfg.generator
     if g.reward_fn:
-        from agro_dist.rewards import check_reward_spec
+        from agro_dist.tasks.rewards import check_reward_spec
 
         try:
             check_reward_spec(g.reward_fn)
@@ -704,7 +704,7 @@ def parser() -> argparse.ArgumentParser:
 
 def markdown_table() -> str:
     """Every key, its default and its help as a Markdown table: ``docs/config.md`` is this
-    (``python -m agro_dist.config markdown``; a test keeps them equal), from the text ``--help`` shows."""
+    (``python -m agro_dist.run.config markdown``; a test keeps them equal), from the text ``--help`` shows."""
     def default(v: Any) -> str:
         return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
@@ -715,7 +715,7 @@ def markdown_table() -> str:
 
 CONFIG_DOC_HEAD = """# Every config key
 
-Generated from the same text as `python -m agro_dist --help` (`python -m agro_dist.config markdown >
+Generated from the same text as `python -m agro_dist --help` (`python -m agro_dist.run.config markdown >
 docs/config.md`; a test keeps this file equal to it). Keys are `section.key` in a `--config` YAML
 file (sections `run:`, `generator:`, `learner:`, `data:`, `buffer:`, `resources:`, plus the
 top-level `model`) or `--section.key VALUE` on the command line, which wins. Values are YAML.
@@ -762,5 +762,5 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] != ["markdown"]:
-        sys.exit("usage: python -m agro_dist.config markdown > docs/config.md")
+        sys.exit("usage: python -m agro_dist.run.config markdown > docs/config.md")
     sys.stdout.write(CONFIG_DOC_HEAD + markdown_table())

@@ -4,7 +4,7 @@ The counters are what a checkpoint keeps (``extra``/``restore``) so that a resum
 from where it stopped; the budget is the run's (``run.steps``, ``max_samples``, ``max_generated``,
 ``max_minutes``, offline ``epochs``: the first reached ends the run); ``train_row`` gathers one
 step's numbers from the learner, the buffer and the generators into the row every sink records
-(``agro_dist/monitor.py``).
+(``agro_dist/run/monitor.py``).
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import ray
 
-from agro_dist.errors import TrainingError, ray_actor_errors
-from agro_dist.startup import first_line
+from agro_dist.run.errors import TrainingError, ray_actor_errors
+from agro_dist.run.startup import first_line
 
 log = logging.getLogger("agro_dist")
 

@@ -21,10 +21,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import ray
 
-from agro_dist import startup
-from agro_dist.errors import TrainingError, ray_actor_errors
-from agro_dist.startup import first_line
-from agro_dist.storage import CheckpointWriteError, latest_checkpoint
+from agro_dist.io.storage import CheckpointWriteError, latest_checkpoint
+from agro_dist.run import startup
+from agro_dist.run.errors import TrainingError, ray_actor_errors
+from agro_dist.run.startup import first_line
 
 log = logging.getLogger("agro_dist")
 

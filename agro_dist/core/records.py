@@ -139,7 +139,7 @@ def _check_flat(offsets, flat_ids: np.ndarray, flat_lp: np.ndarray) -> None:
 
 def _check_header(g: Group) -> None:
     if not isinstance(g, Group):
-        raise RecordError("group", f"expected agro_dist.records.Group, got {type(g).__name__}")
+        raise RecordError("group", f"expected agro_dist.core.records.Group, got {type(g).__name__}")
     if g.schema_version != SCHEMA_VERSION:
         raise RecordError("schema_version", f"unknown schema version {g.schema_version!r} (this build reads {SCHEMA_VERSION})")
     for name in ("group_id", "prompt_id", "generator_id"):

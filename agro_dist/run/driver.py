@@ -5,17 +5,17 @@
                       +---- weights v (object store) <--- [learner: N DeepSpeed ranks]
 
 ``Driver`` is the story of a run: start (``start``), train until the budget is spent (the loop,
-``agro_dist/loops.py``: sync, or async with frozen and offline), finish (a checkpoint, the final
+``agro_dist/run/loops.py``: sync, or async with frozen and offline), finish (a checkpoint, the final
 evaluation, the summary) and close. Each part it drives is a role of its own, handed what it needs:
 
-- ``agro_dist/learner_group.py``: the DeepSpeed ranks (a step, publishing the weights, checkpoints;
+- ``agro_dist/run/learner_group.py``: the DeepSpeed ranks (a step, publishing the weights, checkpoints;
   rebuilt from the latest checkpoint when a rank is lost);
-- ``agro_dist/generator_pool.py``: the vLLM generators (their calls, counters and failures: Ray
+- ``agro_dist/run/generator_pool.py``: the vLLM generators (their calls, counters and failures: Ray
   restarts a dead one and the pool sends it the latest weights);
-- ``agro_dist/evaluator.py``: the held-out evaluations (on generator 0 or an eval actor);
-- ``agro_dist/progress.py``: the counters, the budget and the step's train.csv row;
-- ``agro_dist/run_folder.py``: the run's folder (local or remote), what may be deleted, uploads;
-- ``agro_dist/startup.py``: Ray, room on the cluster, the private Redis, placing the actors.
+- ``agro_dist/run/evaluator.py``: the held-out evaluations (on generator 0 or an eval actor);
+- ``agro_dist/run/progress.py``: the counters, the budget and the step's train.csv row;
+- ``agro_dist/run/run_folder.py``: the run's folder (local or remote), what may be deleted, uploads;
+- ``agro_dist/run/startup.py``: Ray, room on the cluster, the private Redis, placing the actors.
 
 - **sync** (``run.mode: sync``): the generators make exactly this step's fresh groups with the
   current weights, the learner trains on them (and ``p`` of the batch replayed), publishes version
@@ -46,21 +46,22 @@ from typing import Any, Dict, List, Optional, Tuple
 import ray
 import yaml
 
-from agro_dist import config as config_mod
-from agro_dist import loops, startup
-from agro_dist.config import Config, ConfigError
-from agro_dist.data import LoggedBatches
-from agro_dist.errors import TrainingError, ray_actor_errors
-from agro_dist.evaluator import Evaluator, Pending
-from agro_dist.generator_pool import GeneratorPool
-from agro_dist.learner_group import LearnerGroup
-from agro_dist.model_card import run_facts
-from agro_dist.monitor import RunMonitor, plot_run, progress_line
-from agro_dist.progress import NO_BUFFER, Progress, budget_spent, time_left, train_row
-from agro_dist.run_folder import RunFolder, check_run_home
-from agro_dist.startup import StartupError, redact
-from agro_dist.startup import first_line as _first_line
-from agro_dist.storage import display
+from agro_dist.io.model_card import run_facts
+from agro_dist.io.storage import display
+from agro_dist.run import config as config_mod
+from agro_dist.run import loops
+from agro_dist.run import startup
+from agro_dist.run.config import Config, ConfigError
+from agro_dist.run.errors import TrainingError, ray_actor_errors
+from agro_dist.run.evaluator import Evaluator, Pending
+from agro_dist.run.generator_pool import GeneratorPool
+from agro_dist.run.learner_group import LearnerGroup
+from agro_dist.run.monitor import RunMonitor, plot_run, progress_line
+from agro_dist.run.progress import NO_BUFFER, Progress, budget_spent, time_left, train_row
+from agro_dist.run.run_folder import RunFolder, check_run_home
+from agro_dist.run.startup import StartupError, redact
+from agro_dist.run.startup import first_line as _first_line
+from agro_dist.tasks.logged import LoggedBatches
 
 log = logging.getLogger("agro_dist")
 
@@ -74,7 +75,7 @@ def reward_columns(cfg: Config) -> List[str]:
     """The reward functions' names when ``generator.reward_fn`` is a list: train.csv's
     ``reward_<name>`` columns (each function's mean over the completions generated since the
     last row, before weighting)."""
-    from agro_dist.rewards import reward_parts
+    from agro_dist.tasks.rewards import reward_parts
 
     spec = cfg.generator.reward_fn
     return [p.name for p in reward_parts(spec)] if isinstance(spec, list) else []
@@ -248,7 +249,7 @@ class Driver:
         log.warning("%s received after step %d: stopping once the step in flight (if any) is trained, with a checkpoint "
                     "(a second signal stops at once)", signal.Signals(signum).name, self.progress.step)
 
-    # ------------------------------------------------------------------ a step (agro_dist/loops.py calls these)
+    # ------------------------------------------------------------------ a step (agro_dist/run/loops.py calls these)
 
     def plan_step(self) -> List[int]:
         """How many groups of the next learner step each rank replays.
@@ -377,10 +378,10 @@ def load_offline(cfg: Config) -> List[Any]:
     scored where rewards are missing, before anything starts (ConfigError: exit 2)."""
     from transformers import AutoTokenizer
 
-    from agro_dist.data import LoggedDataError, load_logged
-    from agro_dist.losses import min_group_size, needs_behaviour_logprobs
-    from agro_dist.models import resolve_model
-    from agro_dist.tasks import load_task
+    from agro_dist.core.losses import min_group_size, needs_behaviour_logprobs
+    from agro_dist.io.models import resolve_model
+    from agro_dist.tasks.logged import LoggedDataError, load_logged
+    from agro_dist.tasks.problems import load_task
 
     g, loss = cfg.generator, cfg.learner.loss
     t = time.perf_counter()

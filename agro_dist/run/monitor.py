@@ -70,7 +70,7 @@ EVAL_GAUGES = {
 def grafana_dashboard() -> Dict:
     """A Grafana dashboard (JSON model) with a panel for every metric the driver exports, on Ray's
     Prometheus datasource, filtered by a ``run`` variable: ``deploy/grafana/agro_dist.json`` is
-    this (``python -m agro_dist.monitor grafana``; a test keeps them equal)."""
+    this (``python -m agro_dist.run.monitor grafana``; a test keeps them equal)."""
     series = [(f"ray_{n}", d) for n, (_, d) in {**GAUGES, **EVAL_GAUGES}.items()]
     panels = []
     for i, (metric, desc) in enumerate(series):
@@ -124,7 +124,7 @@ class RunMonitor:
             if fresh:
                 w.writeheader()
             self._files[name], self._writers[name] = f, w
-        from agro_dist.trackers import Trackers
+        from agro_dist.run.trackers import Trackers
 
         self.trackers = Trackers(loggers, run_dir, run_name, config or {}, resume=resume)
         self._samples = open(os.path.join(run_dir, "samples.jsonl"), mode)
@@ -419,5 +419,5 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] != ["grafana"]:
-        sys.exit("usage: python -m agro_dist.monitor grafana > deploy/grafana/agro_dist.json")
+        sys.exit("usage: python -m agro_dist.run.monitor grafana > deploy/grafana/agro_dist.json")
     print(json.dumps(grafana_dashboard(), indent=1))

@@ -15,7 +15,7 @@ only what is trained. The loops drive the roles the driver holds: ``d.pool`` (th
 ``d.learners`` (the ranks), ``d.evaluator``.
 
 A loop holds only what lives across its steps (calls in flight, an evaluation running); the
-driver (``agro_dist/driver.py``) does the work of a step: ``finish_step`` collects the learner's
+driver (``agro_dist/run/driver.py``) does the work of a step: ``finish_step`` collects the learner's
 answer, counts, broadcasts, writes the row and checkpoints, and rebuilds a learner that failed
 (it returns None then, and the loop goes on from the restored step). ``run`` returns once the
 budget is spent; the driver calls it again if the learner fails in the final checkpoint.

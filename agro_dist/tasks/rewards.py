@@ -284,7 +284,7 @@ class ScorerStats:
 class FunctionScorer:
     """One reward function in worker processes, each call limited in time.
 
-    Workers are plain subprocesses (``python -m agro_dist.reward_worker``) speaking JSON lines:
+    Workers are plain subprocesses (``python -m agro_dist.tasks.reward_worker``) speaking JSON lines:
     they start once, never import the caller's ``__main__`` (so scripts need no main guard), and a
     worker whose call times out (or dies) is killed and replaced (~1 s). A per-completion function
     gets one completion a call (``timeout_s`` each, spread over the workers); a batched one a group
@@ -300,7 +300,7 @@ class FunctionScorer:
     def _start(self) -> subprocess.Popen:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])  # user functions importable as here
-        return subprocess.Popen([sys.executable, "-m", "agro_dist.reward_worker", self.spec], stdin=subprocess.PIPE,
+        return subprocess.Popen([sys.executable, "-m", "agro_dist.tasks.reward_worker", self.spec], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=None, text=True, bufsize=1, env=env)
 
     def _restart(self, i: int) -> None:

@@ -3,7 +3,7 @@ private one started), the cluster's room checked, the private Redis started, the
 (generators, learner ranks in a placement group, the eval actor).
 
 Functions of the run's :class:`Config` that return what they made; the driver
-(``agro_dist/driver.py``) holds it and runs the training loops (``agro_dist/loops.py``). Anything
+(``agro_dist/run/driver.py``) holds it and runs the training loops (``agro_dist/run/loops.py``). Anything
 that cannot start raises :class:`StartupError` with a message that says what and why (exit 3).
 """
 
@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import ray
 
-from agro_dist.config import Config
+from agro_dist.run.config import Config
 
 log = logging.getLogger("agro_dist")
 
@@ -53,7 +53,7 @@ def redact(url: str) -> str:
 
 
 def check_model(cfg: Config) -> None:
-    from agro_dist.models import resolve_model
+    from agro_dist.io.models import resolve_model
 
     for what, m in (("model", cfg.model), ("learner.ref_model", cfg.learner.ref_model)):
         if m is None:
@@ -141,7 +141,7 @@ def object_store_bytes(cfg: Config) -> int:
     gb = cfg.resources.object_store_gb
     if gb > 0:
         return int(gb * 1e9)
-    from agro_dist.models import resolve_model, weights_bytes
+    from agro_dist.io.models import resolve_model, weights_bytes
 
     per_param = 4 if cfg.learner.dtype == "float32" else 2
     return max(int(2.5 * weights_bytes(resolve_model(cfg.model), per_param)), int(0.5e9))

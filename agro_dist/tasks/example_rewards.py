@@ -1,6 +1,6 @@
 """Example reward functions in the signatures agro_dist accepts (docs/rewards.md), importable on
 every node because they ship with the package: ``--generator.reward_fn
-agro_dist.example_rewards:format_reward``. Copy one into your own module to start from.
+agro_dist.tasks.example_rewards:format_reward``. Copy one into your own module to start from.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def format_reward(prompts: List[Any], completions: List[Any], **columns) -> List
 def gsm8k_score(data_source: Optional[str], solution_str: str, ground_truth: str, extra_info: Any = None) -> float:
     """verl's ``compute_score`` signature: the number after the last "####" or "The final answer
     is" (else the last number written) against the ground truth."""
-    from agro_dist.rewards import numeric_equal
+    from agro_dist.tasks.rewards import numeric_equal
 
     tail = re.split(r"####|the final answer is", solution_str, flags=re.IGNORECASE)[-1]
     nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", tail) or re.findall(r"-?\d[\d,]*(?:\.\d+)?", solution_str)

@@ -339,36 +339,10 @@ def _rows_of_file(path: str) -> Iterator[tuple]:
             yield f"{path}:{lineno}", row
 
 
-def hub_reachable(timeout_s: float = 5.0) -> Optional[str]:
-    """None when the Hugging Face hub answers; else why not (offline mode, no route, no name)."""
-
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return "HF_HUB_OFFLINE is set"
-    try:
-        from huggingface_hub import constants
-
-        endpoint = constants.ENDPOINT
-    except ImportError:
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    return endpoint_unreachable(endpoint, timeout_s)
-
-
-def endpoint_unreachable(endpoint: str, timeout_s: float = 5.0) -> Optional[str]:
-    """Why an http(s) endpoint cannot be reached (a TCP connect within ``timeout_s``), or None:
-    the hub here, an MLflow server in ``trackers``; their clients would retry for minutes."""
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(endpoint)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s).close()
-    except OSError as e:
-        return f"{url.netloc} cannot be reached ({e})"
-    return None
-
-
 def _hub_rows(name: str, split: str, config: Optional[str]) -> Iterator[tuple]:
     import datasets
+
+    from agro_dist.io.models import hub_reachable
 
     why = hub_reachable()
     if why:

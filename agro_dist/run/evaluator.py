@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import ray
 
-from agro_dist.errors import ray_actor_errors
-from agro_dist.startup import first_line
+from agro_dist.run.errors import ray_actor_errors
+from agro_dist.run.startup import first_line
 
 log = logging.getLogger("agro_dist")
 

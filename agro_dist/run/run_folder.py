@@ -19,9 +19,9 @@ from typing import Optional
 
 import yaml
 
-from agro_dist.config import Config, ConfigError
-from agro_dist.startup import StartupError
-from agro_dist.storage import Storage, display, is_remote, join, latest_checkpoint
+from agro_dist.io.storage import Storage, display, is_remote, join, latest_checkpoint
+from agro_dist.run.config import Config, ConfigError
+from agro_dist.run.startup import StartupError
 
 log = logging.getLogger("agro_dist")
 
