@@ -8,12 +8,14 @@ accuracy of the same seed (the goal: 30% fewer than p 0's 1280), or "never".
 """
 
 import csv
-import math
 import os
 import re
+import sys
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "deploy"))
+from sweep import mean_se  # noqa: E402 (the sweep's tables use the same mean and s.e.)
 
 
 def runs():
@@ -25,12 +27,6 @@ def runs():
         if m and os.path.exists(os.path.join(HERE, "runs", name, "summary.json")):
             out[m.group(1)][int(m.group(2))] = list(csv.DictReader(open(path)))
     return out
-
-
-def mean_se(xs):
-    n = len(xs)
-    m = sum(xs) / n
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n) if n > 1 else float("nan"))
 
 
 def main():
@@ -49,7 +45,8 @@ def main():
             reach.append(f"s{s} {hit if hit is not None else 'never'}")
         m, se = mean_se(diffs)
         per = ", ".join(f"{d:+.1f}" for d in diffs)
-        print(f"{point:45s} {len(diffs):5d} {f'{m:+.1f} +- {se:.1f} [{per}]':>30s}   {', '.join(reach)}")
+        se = f"{se:.1f}" if se is not None else "-"
+        print(f"{point:45s} {len(diffs):5d} {f'{m:+.1f} +- {se} [{per}]':>30s}   {', '.join(reach)}")
 
 
 if __name__ == "__main__":
