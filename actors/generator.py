@@ -334,16 +334,21 @@ def own_tmpdir() -> str:
     log-probs, and with the cache in the per-process folder every generator start (and restart)
     compiled it again, 15-30 s on CPU. torch fixes both the cache's folder (at first use, into
     ``TORCHINDUCTOR_CACHE_DIR``) and its precompiled headers' (when ``codecache`` is imported)
-    from the temporary folder, so both are settled here before it moves."""
+    from the temporary folder, so both are settled here before it moves. The headers go into the
+    cache's folder: under a Ray the driver started, the temporary folder a worker inherits is
+    already the run's own (``startup.own_ray_tmpdir``), and the header was compiled again at every
+    run's first evaluation (9 s of g++ on this CPU)."""
     import tempfile
 
     base = tempfile.gettempdir()
     remove_dead_tmpdirs(base)
     try:
-        from torch._inductor import codecache  # noqa: F401
+        from torch._inductor import codecache
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-        cache_dir()
+        headers = os.path.join(cache_dir(), "precompiled_headers")
+        if getattr(codecache, "_HEADER_DIR", None) is not None:  # torch 2.13: module globals, read at each compile
+            codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR = headers, os.path.join(headers, "locks")
     except ImportError:  # another torch: a cold cache costs start-up time, nothing else
         pass
     d = os.path.join(base, f"{SCRATCH_PREFIX}{os.getpid()}")

@@ -341,7 +341,18 @@ def actor_options(cfg: Config, kind: str, role: str) -> Dict[str, Any]:
     return opts
 
 
-def start_generators(cfg: Config, buffer_url: str) -> List[Any]:
+def loads_overlap(cfg: Config) -> bool:
+    """Whether the generators (and the eval actor) load their models while the learner loads its
+    own: start-up then takes the longer of the two, not their sum (on CPU each load is one core of
+    imports and reads; ~12 of ~40 s of a short run here). Not when two of them may share a GPU
+    (fractional GPUs): vLLM sizes its KV cache from the memory free while it starts."""
+    r = cfg.resources
+    shared = [g for g in (r.generator_gpus, r.learner_gpus, r.eval_gpus) if 0 < g < 1]
+    return len(shared) < 2
+
+
+def start_generators(cfg: Config, buffer_url: str, wait: bool = True) -> List[Any]:
+    """The generator actors; ``wait``: until each has loaded its model (else the caller's ``wait_ready``)."""
     from agro_dist.actors.generator import GeneratorActor
 
     r = cfg.resources
@@ -351,16 +362,18 @@ def start_generators(cfg: Config, buffer_url: str) -> List[Any]:
                 # A full buffer holds a put back until the learner trains; no longer than a step may take.
                 buffer_options={"name": cfg.run.name, "room_timeout_s": cfg.run.step_timeout_s})
             for i in range(r.num_generators)]
-    wait_ready(cfg, gens, "generator")
+    if wait:
+        wait_ready(cfg, gens, "generator")
     return gens
 
 
-def start_evaluator(cfg: Config):
+def start_evaluator(cfg: Config, wait: bool = True):
     from agro_dist.actors.generator import GeneratorActor
 
     a = GeneratorActor.options(max_restarts=-1, max_task_retries=-1, **actor_options(cfg, "eval", "eval")).remote(
         cfg.eval_generator_config())
-    wait_ready(cfg, [a], "eval")
+    if wait:
+        wait_ready(cfg, [a], "eval")
     return a
 
 
