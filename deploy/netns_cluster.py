@@ -237,9 +237,10 @@ class Cluster:
                 os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        deadline = time.monotonic() + 5  # `ray start --block` takes ~30 s to stop after SIGTERM; SIGKILL leaves nothing
         for p in self.procs.values():
             try:
-                p.wait(timeout=20)
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
         self.net_down()  # SIGKILLs whatever is left in each namespace

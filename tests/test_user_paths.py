@@ -22,6 +22,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
+# The held-out set as the README's run has it (18 problems, greedy and sampled), with 2 samples a
+# problem instead of 8: each evaluation of the default model took ~30 s of a ~190 s test (CI time).
+EVAL = ["--run.eval_samples", "2"]
 
 
 def _env() -> dict:
@@ -35,7 +38,7 @@ def _env() -> dict:
     ("async05", ["--run.mode", "async", "--run.replay_prob", "0.5"]),  # tuning the replay ratio
 ])
 def test_the_readme_run_trains_the_default_model(tmp_path, request, name, args):
-    cmd = [sys.executable, "-m", "agro_dist", "--run.steps", str(STEPS), "--run.name", name, "--run.output_dir", str(tmp_path), *args]
+    cmd = [sys.executable, "-m", "agro_dist", "--run.steps", str(STEPS), "--run.name", name, "--run.output_dir", str(tmp_path), *EVAL, *args]
     # A temporary folder of the run's own, to see what it leaves there (torch's compile cache where it always is).
     tmp = tempfile.mkdtemp(prefix="agro-up-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
@@ -87,7 +90,7 @@ def test_the_readme_offline_run_trains_the_default_model_from_its_own_samples(tm
                         "--prompts", "24", "--out", str(data)], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert s.returncode == 0, s.stdout[-3000:] + s.stderr[-3000:]
     p = subprocess.run([sys.executable, "-m", "agro_dist", "--run.mode", "offline", "--data.path", str(data), "--run.epochs", "1",
-                        "--run.steps", "0", "--run.name", "offline", "--run.output_dir", str(tmp_path)],
+                        "--run.steps", "0", "--run.name", "offline", "--run.output_dir", str(tmp_path), *EVAL],
                        env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
     assert "started 0 generator(s)" in p.stdout and "held-out accuracy      before   after" in p.stdout
