@@ -123,15 +123,18 @@ class Driver:
                                   reward_names=reward_columns(cfg), loggers=cfg.run.loggers, config=cfg.to_dict())
         t = time.perf_counter()
         self.learners = LearnerGroup(cfg, self.buffer_url, self.buffer_options, self.folder.ckpt_dir, self.placement, self.check_redis)
-        overlap = startup.loads_overlap(cfg)  # generators and eval actor load while the learner loads
-        generators = startup.start_generators(cfg, self.buffer_url, wait=not overlap) if cfg.run.mode != "offline" else []
+        generators = startup.start_generators(cfg, self.buffer_url) if cfg.run.mode != "offline" else []
         self.pool = GeneratorPool(cfg, generators, self.buffer, self.placement, self.learners, self.check_redis)
-        eval_actor = None if cfg.eval_on_generator() else startup.start_evaluator(cfg, wait=not overlap)
-        self.learners.start()
-        if overlap:
+        if startup.loads_overlap(cfg):  # every model loads at once: start-up takes the longest load
+            eval_actor = None if cfg.eval_on_generator() else startup.start_evaluator(cfg)
+            self.learners.start()
             startup.wait_ready(cfg, generators, "generator")
-            if eval_actor is not None:
-                startup.wait_ready(cfg, [eval_actor], "eval")
+        else:  # two may share a GPU: generators, learner, eval actor in turn
+            startup.wait_ready(cfg, generators, "generator")
+            self.learners.start()
+            eval_actor = None if cfg.eval_on_generator() else startup.start_evaluator(cfg)
+        if eval_actor is not None:
+            startup.wait_ready(cfg, [eval_actor], "eval")
         self.evaluator = Evaluator(cfg, eval_actor, self.pool, self.learners, self.monitor)
         meta = self._restore() if cfg.run.resume else {}
         self.started = True

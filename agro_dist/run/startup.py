@@ -351,8 +351,8 @@ def loads_overlap(cfg: Config) -> bool:
     return len(shared) < 2
 
 
-def start_generators(cfg: Config, buffer_url: str, wait: bool = True) -> List[Any]:
-    """The generator actors; ``wait``: until each has loaded its model (else the caller's ``wait_ready``)."""
+def start_generators(cfg: Config, buffer_url: str) -> List[Any]:
+    """The generator actors, loading their models (the caller's ``wait_ready`` waits for them)."""
     from agro_dist.actors.generator import GeneratorActor
 
     r = cfg.resources
@@ -362,18 +362,15 @@ def start_generators(cfg: Config, buffer_url: str, wait: bool = True) -> List[An
                 # A full buffer holds a put back until the learner trains; no longer than a step may take.
                 buffer_options={"name": cfg.run.name, "room_timeout_s": cfg.run.step_timeout_s})
             for i in range(r.num_generators)]
-    if wait:
-        wait_ready(cfg, gens, "generator")
     return gens
 
 
-def start_evaluator(cfg: Config, wait: bool = True):
+def start_evaluator(cfg: Config):
+    """The eval actor, loading its model (the caller's ``wait_ready`` waits for it)."""
     from agro_dist.actors.generator import GeneratorActor
 
     a = GeneratorActor.options(max_restarts=-1, max_task_retries=-1, **actor_options(cfg, "eval", "eval")).remote(
         cfg.eval_generator_config())
-    if wait:
-        wait_ready(cfg, [a], "eval")
     return a
 
 
